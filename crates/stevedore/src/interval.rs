@@ -1,0 +1,366 @@
+//! Interval services: a handler run every period, at a fixed rate or with a fixed delay between runs.
+//!
+//! The article's timed service (`SyncEmployees` every 60 s, first run at start) without the flaws of
+//! the .NET samples: runs never overlap, missed ticks never come as a burst, and each run gets its own
+//! scope, span, timeout and status record.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use stevedore::interval::IntervalService;
+//! use stevedore::{BoxError, CancellationToken, Host};
+//!
+//! async fn sync_employees(stop: CancellationToken) -> Result<(), BoxError> {
+//!     // fetch, compare, write; give up early when `stop` is cancelled
+//!     let _ = stop;
+//!     Ok(())
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let timer = IntervalService::fixed_rate("sync-employees", Duration::from_secs(60), sync_employees)
+//!         .initial_delay(Duration::ZERO) // the article's `TimeSpan.Zero`: first run at start
+//!         .timeout(Duration::from_secs(50));
+//!     let run_now = timer.trigger_handle(); // hand to an admin endpoint, say
+//!     let host = Host::builder().add(timer.into_spec()).build().expect("valid host");
+//!     # let _ = run_now;
+//!     host.run().await.exit();
+//! }
+//! ```
+//!
+//! # Policies
+//!
+//! - **Schedule.** [`fixed_rate`](IntervalService::fixed_rate) runs on a grid,
+//!   `start + initial_delay + k * period`, whatever each run takes. [`fixed_delay`](IntervalService::fixed_delay) waits the
+//!   period after each run ends, so it can neither overlap nor miss a tick.
+//! - **Initial delay.** Zero by default: the first run starts with the service (the article's
+//!   `TimeSpan.Zero`). Set one with [`initial_delay`](IntervalService::initial_delay).
+//! - **Overlap.** Runs never overlap. A tick that falls while a run is still going is, by
+//!   [`Overlap`]: skipped ([`Overlap::Skip`], the default: the next run is the next tick on the grid
+//!   after the run ends), or kept once ([`Overlap::RunOnce`]: one run starts as soon as the long run
+//!   ends, however many ticks fell during it, then the grid resumes). Skipped ticks are counted in the
+//!   status view (`runs.skipped`).
+//! - **Missed ticks while not running.** When the service wakes late for a tick (the process was
+//!   stopped with SIGSTOP, the runtime was starved), every tick that fell due meanwhile is folded into
+//!   the one run it wakes for, and counted as skipped: never a burst. Time the machine spends suspended
+//!   does not count at all: tokio's clock is monotonic, so the schedule simply resumes after a resume.
+//! - **Jitter.** [`jitter`](IntervalService::jitter) delays each run by a random share of up to the
+//!   given maximum, drawn afresh for every tick, the first included. With a fixed rate it never moves
+//!   the grid, so runs do not drift; it must be shorter than the period.
+//! - **Timeout.** [`timeout`](IntervalService::timeout) bounds each run; a run past it is cancelled and
+//!   recorded as timed out.
+//! - **Stop.** When the host stops, the service takes no more ticks; a run in progress sees its
+//!   `CancellationToken` (or `ServiceContext`) cancelled and is awaited within the host's shutdown
+//!   budget.
+//! - **Run now.** [`TriggerHandle::trigger`] (also the dashboard's "run now") starts a run at once; one
+//!   asked for during a run starts when that run ends. It does not move the schedule.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::BoxError;
+use crate::handler::{Handler, run_handler};
+use crate::runs::{StoppedOnDrop, TriggerHandle, WallAnchor, jitter, recorded};
+use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
+
+/// What to do with ticks that fall while a run is still going (fixed rate only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overlap {
+    /// Skip them; the next run is the next tick after the run ends. The default.
+    #[default]
+    Skip,
+    /// Keep one: a run starts as soon as the long run ends, then the schedule resumes.
+    RunOnce,
+}
+
+/// Fixed rate or fixed delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cadence {
+    /// Runs start every period on a fixed grid.
+    FixedRate(Duration),
+    /// Each run starts a period after the previous one ended.
+    FixedDelay(Duration),
+}
+
+/// A handler run on an interval; see the [module docs](self) for every policy.
+pub struct IntervalService<H, Args> {
+    name: String,
+    cadence: Cadence,
+    initial_delay: Duration,
+    overlap: Overlap,
+    jitter: Duration,
+    timeout: Option<Duration>,
+    handler: H,
+    trigger: TriggerHandle,
+    _args: PhantomData<fn(Args)>,
+}
+
+impl<H, Args> std::fmt::Debug for IntervalService<H, Args> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntervalService")
+            .field("name", &self.name)
+            .field("cadence", &self.cadence)
+            .field("initial_delay", &self.initial_delay)
+            .field("overlap", &self.overlap)
+            .field("jitter", &self.jitter)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H, Args> IntervalService<H, Args>
+where
+    H: Handler<Args>,
+    Args: 'static,
+{
+    fn new(name: impl Into<String>, cadence: Cadence, handler: H) -> Self {
+        IntervalService {
+            name: name.into(),
+            cadence,
+            initial_delay: Duration::ZERO,
+            overlap: Overlap::default(),
+            jitter: Duration::ZERO,
+            timeout: None,
+            handler,
+            trigger: TriggerHandle::default(),
+            _args: PhantomData,
+        }
+    }
+
+    /// Runs `handler` every `period`, on a fixed grid from the start; see [`Overlap`] for long runs.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let timer = stevedore::interval::IntervalService::fixed_rate("heartbeat", Duration::from_secs(5), || async {
+    ///     Ok::<_, stevedore::BoxError>(())
+    /// });
+    /// let spec: stevedore::ServiceSpec = timer.into_spec();
+    /// # let _ = spec;
+    /// ```
+    pub fn fixed_rate(name: impl Into<String>, period: Duration, handler: H) -> Self {
+        Self::new(name, Cadence::FixedRate(period), handler)
+    }
+
+    /// Runs `handler`, waits `delay` after it ends, and again.
+    pub fn fixed_delay(name: impl Into<String>, delay: Duration, handler: H) -> Self {
+        Self::new(name, Cadence::FixedDelay(delay), handler)
+    }
+
+    /// The wait before the first run (default zero: run at start).
+    pub fn initial_delay(mut self, delay: Duration) -> Self {
+        self.initial_delay = delay;
+        self
+    }
+
+    /// What to do with ticks that fall during a run (default [`Overlap::Skip`]).
+    pub fn overlap(mut self, overlap: Overlap) -> Self {
+        self.overlap = overlap;
+        self
+    }
+
+    /// Delays each run by a random amount up to `max`; with a fixed rate it must be below the period.
+    pub fn jitter(mut self, max: Duration) -> Self {
+        self.jitter = max;
+        self
+    }
+
+    /// Bounds each run; a run past it is cancelled and recorded as timed out.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// A handle to run the service now, out of schedule.
+    pub fn trigger_handle(&self) -> TriggerHandle {
+        self.trigger.clone()
+    }
+
+    fn problem(&self) -> Option<String> {
+        let period = match self.cadence {
+            Cadence::FixedRate(p) | Cadence::FixedDelay(p) => p,
+        };
+        if period.is_zero() {
+            return Some("interval of zero: give a period above zero".into());
+        }
+        if let Cadence::FixedRate(p) = self.cadence
+            && self.jitter >= p
+        {
+            return Some(format!("jitter of {:?} is not below the period of {p:?}", self.jitter));
+        }
+        None
+    }
+
+    /// The service to register with [`HostBuilder::add`](crate::HostBuilder::add). An invalid
+    /// configuration (a zero period, jitter not below a fixed rate's period) makes the host's build
+    /// fail, naming the service.
+    pub fn into_spec(self) -> ServiceSpec {
+        let name = self.name.clone();
+        let problem = self.problem();
+        let trigger = self.trigger.clone();
+        let mut spec = ServiceSpec::background(name, Runner(Arc::new(self)))
+            .kind("interval")
+            .control(Arc::new(trigger))
+            .needs(H::dependencies());
+        if let Some(reason) = problem {
+            spec = spec.invalid(reason);
+        }
+        spec
+    }
+}
+
+impl<H: Handler<Args>, Args: 'static> From<IntervalService<H, Args>> for ServiceSpec {
+    fn from(service: IntervalService<H, Args>) -> Self {
+        service.into_spec()
+    }
+}
+
+struct Runner<H, Args>(Arc<IntervalService<H, Args>>);
+
+/// Why a run starts, as shown in its span.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Tick,
+    CatchUp,
+    Trigger,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Tick => "tick",
+            Cause::CatchUp => "catch-up",
+            Cause::Trigger => "trigger",
+        }
+    }
+}
+
+/// The next tick on the grid and when, with its jitter, it is due.
+#[derive(Clone, Copy)]
+struct Tick {
+    at: Instant,
+    due: Instant,
+}
+
+impl Tick {
+    fn new(at: Instant, max_jitter: Duration) -> Self {
+        Tick { at, due: at + jitter(max_jitter) }
+    }
+}
+
+/// How many ticks of `period` from `first` (included) are at or before `now`.
+fn ticks_until(first: Instant, period: Duration, now: Instant) -> u64 {
+    if now < first {
+        return 0;
+    }
+    let elapsed = (now - first).as_nanos();
+    (elapsed / period.as_nanos().max(1)) as u64 + 1
+}
+
+fn advance(at: Instant, period: Duration, n: u64) -> Instant {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    at + period.saturating_mul(n)
+}
+
+impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
+    async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
+        let svc = &self.0;
+        svc.trigger.set_stopped(false);
+        let _stopped = StoppedOnDrop(&svc.trigger);
+        let status = ctx.status();
+        let start = Instant::now();
+        let mut wall = WallAnchor::new();
+        let mut now = start;
+        // One cancellation waiter and one timer for the service's life, re-armed each tick: creating
+        // and dropping them per tick takes locks, which shows at thousands of timers.
+        let cancelled = ctx.token().cancelled();
+        tokio::pin!(cancelled);
+        let sleep = tokio::time::sleep_until(start);
+        tokio::pin!(sleep);
+        match svc.cadence {
+            Cadence::FixedRate(period) => {
+                let mut next = Tick::new(start + svc.initial_delay, svc.jitter);
+                let mut catch_up = false;
+                loop {
+                    let cause = if std::mem::take(&mut catch_up) {
+                        Cause::CatchUp
+                    } else if svc.trigger.take() {
+                        Cause::Trigger
+                    } else {
+                        status.set_next_run(Some(wall.wall_time_of(next.due, now)));
+                        if sleep.deadline() != next.due {
+                            sleep.as_mut().reset(next.due);
+                        }
+                        // The timer first: at a tick the cancellation (whose check takes a lock) is
+                        // not polled at all; it is, whenever the wait goes on.
+                        tokio::select! {
+                            biased;
+                            _ = &mut sleep => Cause::Tick,
+                            _ = &mut cancelled => break,
+                            _ = svc.trigger.notified() => {
+                                if !svc.trigger.take() { continue; }
+                                Cause::Trigger
+                            }
+                        }
+                    };
+                    if cause == Cause::Tick {
+                        // Woken late: ticks that fell due meanwhile fold into this run.
+                        now = Instant::now();
+                        let late = ticks_until(next.at + period, period, now);
+                        for _ in 0..late.min(1_000_000) {
+                            status.run_skipped();
+                        }
+                        next = Tick::new(advance(next.at, period, late + 1), svc.jitter);
+                    }
+                    recorded(&ctx, cause.as_str(), run_handler(&ctx, &svc.handler, svc.timeout)).await;
+                    // Ticks that fell due during the run: skipped, or one kept (unless stopping).
+                    now = Instant::now();
+                    if next.due <= now && !ctx.is_cancelled() {
+                        let missed = ticks_until(next.at, period, now);
+                        let skipped = match svc.overlap {
+                            Overlap::Skip => missed,
+                            Overlap::RunOnce => {
+                                catch_up = true;
+                                missed.saturating_sub(1)
+                            }
+                        };
+                        for _ in 0..skipped.min(1_000_000) {
+                            status.run_skipped();
+                        }
+                        next = Tick::new(advance(next.at, period, missed), svc.jitter);
+                    }
+                }
+            }
+            Cadence::FixedDelay(delay) => {
+                let mut due = start + svc.initial_delay + jitter(svc.jitter);
+                loop {
+                    let cause = if svc.trigger.take() {
+                        Cause::Trigger
+                    } else {
+                        status.set_next_run(Some(wall.wall_time_of(due, now)));
+                        if sleep.deadline() != due {
+                            sleep.as_mut().reset(due);
+                        }
+                        // The timer first: at a tick the cancellation (whose check takes a lock) is
+                        // not polled at all; it is, whenever the wait goes on.
+                        tokio::select! {
+                            biased;
+                            _ = &mut sleep => Cause::Tick,
+                            _ = &mut cancelled => break,
+                            _ = svc.trigger.notified() => {
+                                if !svc.trigger.take() { continue; }
+                                Cause::Trigger
+                            }
+                        }
+                    };
+                    recorded(&ctx, cause.as_str(), run_handler(&ctx, &svc.handler, svc.timeout)).await;
+                    now = Instant::now();
+                    due = now + delay + jitter(svc.jitter);
+                }
+            }
+        }
+        status.set_next_run(None);
+        Ok(())
+    }
+}

@@ -1,0 +1,713 @@
+//! An in-memory background task queue: the article's "queued tasks that run sequentially", bounded,
+//! with backpressure, contained failures, and a stop that never drops work silently.
+//!
+//! Tasks are typed payloads run by a [`PayloadHandler`] (payload first, then any extractors), or boxed
+//! closures ([`BackgroundTask`], through [`TaskQueue::closures`]). Each task runs in its own scope and
+//! is recorded as one run in the status view.
+//!
+//! ```no_run
+//! use stevedore::queue::TaskQueue;
+//! use stevedore::{BoxError, Host};
+//!
+//! struct Email { to: String }
+//!
+//! async fn send(email: Email) -> Result<(), BoxError> {
+//!     println!("sending to {}", email.to);
+//!     Ok(())
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let (emails, service) = TaskQueue::builder("emails", send).capacity(1000).build();
+//!     let host = Host::builder().add(service).build().expect("valid host");
+//!     emails.enqueue(Email { to: "ada@example.com".into() }).await.expect("queue open");
+//!     host.run().await.exit();
+//!     let left = emails.take_unprocessed(); // whatever the stop handed back
+//!     println!("{} emails not sent", left.len());
+//! }
+//! ```
+//!
+//! # Policies
+//!
+//! - **Bounded, with backpressure.** At most [`capacity`](QueueBuilder::capacity) tasks wait (default
+//!   1024). [`TaskQueue::enqueue`] waits for room; [`TaskQueue::try_enqueue`] returns
+//!   [`EnqueueError::Full`] with the payload at once. Once the queue has stopped both return
+//!   [`EnqueueError::Closed`] with the payload.
+//! - **Concurrency.** One task at a time by default, in enqueue order. With
+//!   [`concurrency(n)`](QueueBuilder::concurrency), up to `n` run at once as futures of the queue's
+//!   own task (as apalis does), so a handler that does CPU-heavy work should hand it to
+//!   `tokio::task::spawn_blocking`.
+//! - **Failures.** A task's error, timeout or panic is contained: logged, counted (`queue.failed`,
+//!   `runs.failed`) and recorded as the last run error; the queue goes on.
+//! - **Pause.** [`TaskQueue::pause`] (also the dashboard's) stops taking tasks; the ones running
+//!   finish. [`TaskQueue::resume`] goes on.
+//! - **Stop.** When the host stops, the queue closes to new tasks at once. The tasks running finish
+//!   (within the host's shutdown budget). The tasks still waiting are, by [`OnStop`]:
+//!   - [`OnStop::Drain`] (the default): run, as long as each one can still end in time. A task starts
+//!     only while the host's deadline minus a [`drain_reserve`](QueueBuilder::drain_reserve) (default
+//!     250 ms) is ahead, and, when the queue has a per-task [`timeout`](QueueBuilder::timeout), only
+//!     when that timeout would end before it. Past that, the rest is handed back.
+//!   - [`OnStop::HandBack`]: handed back at once, none run.
+//!
+//!   A paused queue hands its rest back whatever the policy. Handed back means: given to the
+//!   [`on_unprocessed`](QueueBuilder::on_unprocessed) callback if there is one, otherwise kept for
+//!   [`TaskQueue::take_unprocessed`]; either way the count is logged and reported by
+//!   [`TaskQueue::counts`]. Even if the host abandons the queue past its budget, the waiting tasks stay
+//!   in the queue for `take_unprocessed`: nothing is dropped silently.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BoxError;
+use crate::handler::{PayloadHandler, run_payload_handler};
+use crate::runs::recorded;
+use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
+use crate::status::{QueueStats, RunOutcome, ServiceControl};
+
+/// How many tasks are taken from the channel at once when the queue has to wait for them.
+const BATCH: usize = 64;
+/// How often a busy queue refreshes its figures in the status view, in tasks.
+const PUBLISH_EVERY: u32 = 256;
+
+/// What happens to the tasks still waiting when the queue stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnStop {
+    /// Run them while each can still end within the shutdown budget; hand back the rest. The default.
+    #[default]
+    Drain,
+    /// Hand them all back at once.
+    HandBack,
+}
+
+/// A task could not be enqueued; the payload is handed back.
+pub enum EnqueueError<T> {
+    /// The queue is at capacity (only from [`TaskQueue::try_enqueue`]).
+    Full {
+        /// The queue's name.
+        queue: String,
+        /// Its capacity.
+        capacity: usize,
+        /// The payload, handed back.
+        task: T,
+    },
+    /// The queue has stopped taking tasks.
+    Closed {
+        /// The queue's name.
+        queue: String,
+        /// The payload, handed back.
+        task: T,
+    },
+}
+
+impl<T> EnqueueError<T> {
+    /// The payload that was not enqueued.
+    pub fn into_task(self) -> T {
+        match self {
+            EnqueueError::Full { task, .. } | EnqueueError::Closed { task, .. } => task,
+        }
+    }
+}
+
+impl<T> std::fmt::Display for EnqueueError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnqueueError::Full { queue, capacity, .. } => {
+                write!(f, "queue `{queue}` is full ({capacity} tasks waiting)")
+            }
+            EnqueueError::Closed { queue, .. } => write!(f, "queue `{queue}` is closed: its service has stopped"),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for EnqueueError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EnqueueError({self})")
+    }
+}
+
+impl<T> std::error::Error for EnqueueError<T> {}
+
+/// Counters of a queue since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Tasks accepted.
+    pub enqueued: u64,
+    /// Tasks that succeeded.
+    pub succeeded: u64,
+    /// Tasks that failed, timed out or panicked.
+    pub failed: u64,
+    /// Tasks handed back at stop.
+    pub handed_back: u64,
+    /// Tasks waiting now.
+    pub depth: u64,
+    /// Tasks running now.
+    pub in_flight: u64,
+}
+
+type Unprocessed<T> = Box<dyn FnOnce(Vec<T>) + Send>;
+
+struct Shared<T> {
+    name: String,
+    tx: mpsc::Sender<T>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<T>>,
+    paused: AtomicBool,
+    /// Set once the service's token is cancelled: a plain load, where the token's check takes a lock.
+    stopping: AtomicBool,
+    changed: Notify,
+    enqueued: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    handed_back: AtomicU64,
+    in_flight: AtomicU64,
+    unprocessed: Mutex<Vec<T>>,
+    on_unprocessed: Mutex<Option<Unprocessed<T>>>,
+}
+
+impl<T> Shared<T> {
+    fn depth(&self) -> u64 {
+        (self.tx.max_capacity() - self.tx.capacity()) as u64
+    }
+
+    fn stats(&self) -> QueueStats {
+        QueueStats {
+            depth: self.depth(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            paused: self.paused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The producer's handle on a queue: enqueue, pause, resume, counts. Cheap to clone.
+pub struct TaskQueue<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for TaskQueue<T> {
+    fn clone(&self) -> Self {
+        TaskQueue { shared: self.shared.clone() }
+    }
+}
+
+impl<T> std::fmt::Debug for TaskQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskQueue").field("name", &self.shared.name).field("counts", &self.counts()).finish()
+    }
+}
+
+impl<T: Send + 'static> TaskQueue<T> {
+    /// Starts a queue of payloads of type `T` run by `handler`; finish with [`QueueBuilder::build`].
+    pub fn builder<H, Args>(name: impl Into<String>, handler: H) -> QueueBuilder<T, H, Args>
+    where
+        H: PayloadHandler<T, Args>,
+    {
+        QueueBuilder {
+            name: name.into(),
+            capacity: 1024,
+            concurrency: 1,
+            timeout: None,
+            on_stop: OnStop::default(),
+            drain_reserve: Duration::from_millis(250),
+            on_unprocessed: None,
+            handler,
+            _t: PhantomData,
+        }
+    }
+
+    /// Enqueues a task, waiting for room when the queue is full (backpressure).
+    pub async fn enqueue(&self, task: T) -> Result<(), EnqueueError<T>> {
+        match self.shared.tx.send(task).await {
+            Ok(()) => {
+                self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::SendError(task)) => Err(EnqueueError::Closed { queue: self.shared.name.clone(), task }),
+        }
+    }
+
+    /// Enqueues a task if there is room now; otherwise hands it back with [`EnqueueError::Full`].
+    pub fn try_enqueue(&self, task: T) -> Result<(), EnqueueError<T>> {
+        match self.shared.tx.try_send(task) {
+            Ok(()) => {
+                self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(task)) => Err(EnqueueError::Full {
+                queue: self.shared.name.clone(),
+                capacity: self.shared.tx.max_capacity(),
+                task,
+            }),
+            Err(mpsc::error::TrySendError::Closed(task)) => {
+                Err(EnqueueError::Closed { queue: self.shared.name.clone(), task })
+            }
+        }
+    }
+
+    /// Takes the tasks the stop handed back (when no callback took them), and any still waiting in a
+    /// queue whose service is not running (abandoned past the budget, or never started).
+    pub fn take_unprocessed(&self) -> Vec<T> {
+        let mut out = std::mem::take(&mut *self.shared.unprocessed.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Ok(mut rx) = self.shared.rx.try_lock() {
+            rx.close();
+            let mut extra = 0;
+            while let Ok(task) = rx.try_recv() {
+                out.push(task);
+                extra += 1;
+            }
+            self.shared.handed_back.fetch_add(extra, Ordering::Relaxed);
+        }
+        out
+    }
+}
+
+impl<T> TaskQueue<T> {
+    /// The queue's name (its service's name).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Stops taking tasks; the running ones finish.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Release);
+        self.shared.changed.notify_one();
+    }
+
+    /// Takes tasks again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::Release);
+        self.shared.changed.notify_one();
+    }
+
+    /// Depth, in flight, failed and paused, as the status view shows them.
+    pub fn stats(&self) -> QueueStats {
+        self.shared.stats()
+    }
+
+    /// Counters since the queue was built.
+    pub fn counts(&self) -> QueueCounts {
+        let s = &self.shared;
+        QueueCounts {
+            enqueued: s.enqueued.load(Ordering::Relaxed),
+            succeeded: s.succeeded.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            handed_back: s.handed_back.load(Ordering::Relaxed),
+            depth: s.depth(),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A boxed closure for a queue of closures (the article's `Func<CancellationToken, ValueTask>`): it is
+/// handed the queue's cancellation token, cancelled when the host stops.
+pub struct BackgroundTask(Box<dyn FnOnce(CancellationToken) -> TaskFuture + Send>);
+
+type TaskFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+impl BackgroundTask {
+    /// Boxes `f`.
+    pub fn new<F, Fut, E>(f: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        BackgroundTask(Box::new(move |token| {
+            let fut = f(token);
+            Box::pin(async move { fut.await.map_err(Into::into) })
+        }))
+    }
+}
+
+impl std::fmt::Debug for BackgroundTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackgroundTask")
+    }
+}
+
+async fn run_closure(task: BackgroundTask, token: CancellationToken) -> Result<(), BoxError> {
+    (task.0)(token).await
+}
+
+impl TaskQueue<BackgroundTask> {
+    /// Starts a queue of boxed closures.
+    ///
+    /// ```
+    /// # async fn demo() {
+    /// use stevedore::queue::TaskQueue;
+    /// let (queue, service) = TaskQueue::closures("background").capacity(100).build();
+    /// queue
+    ///     .enqueue_fn(|stop| async move {
+    ///         let _ = stop; // cancelled when the host stops
+    ///         Ok::<_, stevedore::BoxError>(())
+    ///     })
+    ///     .await
+    ///     .expect("queue open");
+    /// # let _ = service;
+    /// # }
+    /// ```
+    pub fn closures(
+        name: impl Into<String>,
+    ) -> QueueBuilder<BackgroundTask, impl PayloadHandler<BackgroundTask, (CancellationToken,)>, (CancellationToken,)>
+    {
+        TaskQueue::builder(name, run_closure)
+    }
+
+    /// Enqueues a closure, waiting for room.
+    pub async fn enqueue_fn<F, Fut, E>(&self, f: F) -> Result<(), EnqueueError<BackgroundTask>>
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.enqueue(BackgroundTask::new(f)).await
+    }
+
+    /// Enqueues a closure if there is room now.
+    pub fn try_enqueue_fn<F, Fut, E>(&self, f: F) -> Result<(), EnqueueError<BackgroundTask>>
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.try_enqueue(BackgroundTask::new(f))
+    }
+}
+
+/// Settings of a queue; [`build`](Self::build) makes the producer handle and the service.
+pub struct QueueBuilder<T, H, Args> {
+    name: String,
+    capacity: usize,
+    concurrency: usize,
+    timeout: Option<Duration>,
+    on_stop: OnStop,
+    drain_reserve: Duration,
+    on_unprocessed: Option<Unprocessed<T>>,
+    handler: H,
+    _t: PhantomData<fn(Args)>,
+}
+
+impl<T, H, Args> std::fmt::Debug for QueueBuilder<T, H, Args> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueBuilder")
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .field("concurrency", &self.concurrency)
+            .field("timeout", &self.timeout)
+            .field("on_stop", &self.on_stop)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, H, Args> QueueBuilder<T, H, Args>
+where
+    T: Send + 'static,
+    H: PayloadHandler<T, Args>,
+    Args: 'static,
+{
+    /// How many tasks may wait (default 1024); must be at least 1.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// How many tasks run at once (default 1: one after another); must be at least 1.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Bounds each task; one past it is cancelled and counted as failed.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// What happens to the waiting tasks at stop (default [`OnStop::Drain`]).
+    pub fn on_stop(mut self, policy: OnStop) -> Self {
+        self.on_stop = policy;
+        self
+    }
+
+    /// How long before the host's shutdown deadline a draining queue stops starting tasks (default
+    /// 250 ms), leaving time for the running ones to end.
+    pub fn drain_reserve(mut self, reserve: Duration) -> Self {
+        self.drain_reserve = reserve;
+        self
+    }
+
+    /// Receives the tasks handed back at stop (to persist them, say), instead of keeping them for
+    /// [`TaskQueue::take_unprocessed`]. Called once, from the queue's stop.
+    pub fn on_unprocessed(mut self, f: impl FnOnce(Vec<T>) + Send + 'static) -> Self {
+        self.on_unprocessed = Some(Box::new(f));
+        self
+    }
+
+    /// The producer handle and the service to register with the host. A capacity or concurrency of
+    /// zero makes the host's build fail, naming the service.
+    pub fn build(self) -> (TaskQueue<T>, ServiceSpec) {
+        let mut problem = None;
+        if self.capacity == 0 {
+            problem = Some("queue capacity of zero: give at least 1".to_string());
+        }
+        if self.concurrency == 0 {
+            problem = Some("queue concurrency of zero: give at least 1".to_string());
+        }
+        let (tx, rx) = mpsc::channel(self.capacity.max(1));
+        let shared = Arc::new(Shared {
+            name: self.name.clone(),
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+            paused: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            changed: Notify::new(),
+            enqueued: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            handed_back: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            unprocessed: Mutex::new(Vec::new()),
+            on_unprocessed: Mutex::new(self.on_unprocessed),
+        });
+        let queue = TaskQueue { shared: shared.clone() };
+        let runner = Runner {
+            shared,
+            handler: self.handler,
+            concurrency: self.concurrency.max(1),
+            timeout: self.timeout,
+            on_stop: self.on_stop,
+            drain_reserve: self.drain_reserve,
+            _args: PhantomData,
+        };
+        let mut spec = ServiceSpec::background(self.name, runner)
+            .kind("queue")
+            .control(Arc::new(QueueControl(queue.clone())))
+            .needs(H::dependencies());
+        if let Some(reason) = problem {
+            spec = spec.invalid(reason);
+        }
+        (queue, spec)
+    }
+}
+
+struct QueueControl<T>(TaskQueue<T>);
+
+impl<T: Send + 'static> ServiceControl for QueueControl<T> {
+    fn pause(&self) -> bool {
+        self.0.pause();
+        true
+    }
+    fn resume(&self) -> bool {
+        self.0.resume();
+        true
+    }
+    fn can_pause(&self) -> bool {
+        true
+    }
+}
+
+struct Runner<T, H, Args> {
+    shared: Arc<Shared<T>>,
+    handler: H,
+    concurrency: usize,
+    timeout: Option<Duration>,
+    on_stop: OnStop,
+    drain_reserve: Duration,
+    _args: PhantomData<fn(Args)>,
+}
+
+impl<T, H, Args> Runner<T, H, Args>
+where
+    T: Send + 'static,
+    H: PayloadHandler<T, Args>,
+    Args: 'static,
+{
+    async fn process(&self, ctx: &ServiceContext, task: T) {
+        let s = &self.shared;
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = recorded(ctx, "task", run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {})).await;
+        s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if outcome == RunOutcome::Succeeded {
+            s.succeeded.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// When a draining queue may no longer start a task.
+    fn drain_until(&self, ctx: &ServiceContext) -> Option<Instant> {
+        let deadline = ctx.lifetime().stop_deadline()?;
+        let stop_taking = deadline.checked_sub(self.drain_reserve).unwrap_or(deadline);
+        Some(match self.timeout {
+            Some(limit) => stop_taking.checked_sub(limit).unwrap_or(stop_taking.min(Instant::now())),
+            None => stop_taking,
+        })
+    }
+
+    fn hand_back(&self, ctx: &ServiceContext, rest: Vec<T>) {
+        let s = &self.shared;
+        let n = rest.len();
+        if n == 0 {
+            return;
+        }
+        s.handed_back.fetch_add(n as u64, Ordering::Relaxed);
+        let callback = s.on_unprocessed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match callback {
+            Some(f) => {
+                tracing::warn!(queue = ctx.name(), handed_back = n, "queue stopped: {n} waiting tasks handed back");
+                f(rest);
+            }
+            None => {
+                tracing::warn!(
+                    queue = ctx.name(),
+                    handed_back = n,
+                    "queue stopped: {n} waiting tasks kept for TaskQueue::take_unprocessed"
+                );
+                s.unprocessed.lock().unwrap_or_else(|p| p.into_inner()).extend(rest);
+            }
+        }
+    }
+}
+
+impl<T, H, Args> BackgroundService for Runner<T, H, Args>
+where
+    T: Send + 'static,
+    H: PayloadHandler<T, Args>,
+    Args: 'static,
+{
+    async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
+        let s = &self.shared;
+        let mut rx = s.rx.lock().await;
+        let limit = self.concurrency;
+        let watcher = {
+            let (shared, ctx) = (self.shared.clone(), ctx.clone());
+            shared.stopping.store(false, Ordering::Release);
+            tokio::spawn(async move {
+                ctx.cancelled().await;
+                shared.stopping.store(true, Ordering::Release);
+            })
+        };
+        let _watcher = AbortOnDrop(watcher);
+        let cancelled = ctx.token().cancelled();
+        tokio::pin!(cancelled);
+        let mut running = FuturesUnordered::new();
+        // Taken from the channel in a batch, not started yet; they go first, and back at the stop.
+        let mut pending: VecDeque<T> = VecDeque::new();
+        let mut batch = Vec::with_capacity(BATCH);
+        ctx.status().set_queue(s.stats());
+        // Taking and running tasks until the stop. While work is at hand the loop runs without
+        // awaiting anything but the tasks (flags are plain loads); it registers for wake-ups only
+        // when it has to wait, so a busy queue pays no waiter bookkeeping per task.
+        'taking: loop {
+            let mut since_publish = 0u32;
+            loop {
+                if s.stopping.load(Ordering::Acquire) {
+                    break 'taking;
+                }
+                while !running.is_empty() {
+                    match running.next().now_or_never() {
+                        Some(Some(())) => {}
+                        _ => break,
+                    }
+                }
+                if s.paused.load(Ordering::Acquire) || running.len() >= limit {
+                    break;
+                }
+                let task = match pending.pop_front() {
+                    Some(task) => task,
+                    None => match rx.try_recv() {
+                        Ok(task) => task,
+                        Err(_) => break,
+                    },
+                };
+                if limit == 1 {
+                    self.process(&ctx, task).await;
+                } else {
+                    running.push(self.process(&ctx, task));
+                }
+                since_publish += 1;
+                if since_publish >= PUBLISH_EVERY {
+                    since_publish = 0;
+                    ctx.status().set_queue(s.stats());
+                }
+            }
+            ctx.status().set_queue(s.stats());
+            let paused = s.paused.load(Ordering::Acquire);
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => break,
+                Some(()) = running.next(), if !running.is_empty() => {}
+                _ = s.changed.notified() => {}
+                n = rx.recv_many(&mut batch, BATCH), if !paused && running.len() < limit => {
+                    if n == 0 {
+                        break; // closed and empty
+                    }
+                    pending.extend(batch.drain(..));
+                }
+            }
+        }
+        // The stop: no new tasks; drain by policy while there is time; hand back the rest.
+        rx.close();
+        let mut rest = Vec::new();
+        let mut rx_pending = pending;
+        if self.on_stop == OnStop::Drain && !s.paused.load(Ordering::Acquire) {
+            let until = self.drain_until(&ctx);
+            let past = || until.is_some_and(|u| Instant::now() >= u);
+            while !past() {
+                tokio::select! {
+                    biased;
+                    Some(()) = running.next(), if !running.is_empty() => {}
+                    task = next_task(&mut rx_pending, &mut rx), if running.len() < limit => match task {
+                        Some(task) if past() => { rest.push(task); break; }
+                        Some(task) if limit == 1 => self.process(&ctx, task).await,
+                        Some(task) => running.push(self.process(&ctx, task)),
+                        None => break,
+                    },
+                    _ = sleep_until_or_never(until) => break,
+                }
+            }
+        }
+        rest.extend(rx_pending.drain(..));
+        while let Ok(task) = rx.try_recv() {
+            rest.push(task);
+        }
+        self.hand_back(&ctx, rest);
+        ctx.status().set_queue(s.stats());
+        while running.next().await.is_some() {}
+        ctx.status().set_queue(s.stats());
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The next task: one already taken from the channel, else the channel's next.
+async fn next_task<T>(pending: &mut VecDeque<T>, rx: &mut mpsc::Receiver<T>) -> Option<T> {
+    match pending.pop_front() {
+        Some(task) => Some(task),
+        None => rx.recv().await,
+    }
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

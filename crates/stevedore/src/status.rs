@@ -1,0 +1,558 @@
+//! A cheap, cloneable view of every service's state, for health endpoints, metrics and the dashboard.
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::lifetime::{AppLifetime, HostState};
+
+/// What a service is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceState {
+    /// Registered, not started yet.
+    Registered,
+    /// Its start is running.
+    Starting,
+    /// Started and working.
+    Running,
+    /// Failed and waiting for its restart backoff.
+    Restarting,
+    /// Its stop is running.
+    Stopping,
+    /// Stopped cleanly.
+    Stopped,
+    /// Its work finished on its own before the host stopped (start-up work, say).
+    Completed,
+    /// Failed and will not run again.
+    Failed,
+    /// Overran the shutdown budget and was abandoned.
+    Abandoned,
+}
+
+impl ServiceState {
+    /// Lower-case name, as shown in logs, JSON and the dashboard.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Registered => "registered",
+            ServiceState::Starting => "starting",
+            ServiceState::Running => "running",
+            ServiceState::Restarting => "restarting",
+            ServiceState::Stopping => "stopping",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Completed => "completed",
+            ServiceState::Failed => "failed",
+            ServiceState::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// How one run (a tick, a queued task, a job) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunOutcome {
+    /// It returned success.
+    Succeeded,
+    /// It returned an error or panicked.
+    Failed,
+    /// It exceeded its per-run timeout.
+    TimedOut,
+    /// The host's stop cancelled it.
+    Cancelled,
+}
+
+impl RunOutcome {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed => "failed",
+            RunOutcome::TimedOut => "timed_out",
+            RunOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Counters and timings of a service's runs (timers, cron, queues, consumers).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunStats {
+    /// Runs started.
+    pub started: u64,
+    /// Runs that succeeded.
+    pub succeeded: u64,
+    /// Runs that failed, timed out or panicked.
+    pub failed: u64,
+    /// Ticks skipped because a run was still going (interval services).
+    pub skipped: u64,
+    /// Runs going on now.
+    pub in_flight: u64,
+    /// When the last run started.
+    pub last_started: Option<SystemTime>,
+    /// How long the last finished run took.
+    pub last_duration: Option<Duration>,
+    /// How the last finished run ended.
+    pub last_outcome: Option<RunOutcome>,
+    /// The last run error, if the last failing run had one.
+    pub last_run_error: Option<String>,
+    /// When the next run is due (timers and cron).
+    pub next_run: Option<SystemTime>,
+}
+
+/// Depth and flow of a queue served by the service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Items waiting.
+    pub depth: u64,
+    /// Items being processed.
+    pub in_flight: u64,
+    /// Items whose processing failed.
+    pub failed: u64,
+    /// Whether taking new items is paused.
+    pub paused: bool,
+}
+
+/// A snapshot of one service.
+#[derive(Debug, Clone)]
+pub struct ServiceStatus {
+    /// The service's unique name.
+    pub name: String,
+    /// What kind of service: `hosted`, `background`, `interval`, `cron`, `queue`, ...
+    pub kind: &'static str,
+    /// Its current state.
+    pub state: ServiceState,
+    /// Since when it is in that state.
+    pub since: SystemTime,
+    /// How many times it was restarted after a failure.
+    pub restarts: u32,
+    /// Its last failure, if any.
+    pub last_error: Option<String>,
+    /// Run counters (zero for services that have no runs).
+    pub runs: RunStats,
+    /// Queue figures, for services that serve a queue.
+    pub queue: Option<QueueStats>,
+    /// The declared heartbeat interval, if the service promised to beat.
+    pub heartbeat_interval: Option<Duration>,
+    /// How long ago the last heartbeat (or start) was, when it promised to beat.
+    pub since_heartbeat: Option<Duration>,
+    /// Whether the service can be triggered now (`run now` on the dashboard).
+    pub can_trigger: bool,
+    /// Whether the service can be paused and resumed.
+    pub can_pause: bool,
+}
+
+impl ServiceStatus {
+    /// False when the service promised a heartbeat and has not beaten within its interval, or when it
+    /// failed or was abandoned.
+    pub fn is_healthy(&self) -> bool {
+        if matches!(self.state, ServiceState::Failed | ServiceState::Abandoned) {
+            return false;
+        }
+        match (self.heartbeat_interval, self.since_heartbeat) {
+            (Some(interval), Some(since)) if self.state == ServiceState::Running => since <= interval,
+            _ => true,
+        }
+    }
+}
+
+/// Actions a service offers to operators (the dashboard's buttons, the CLI).
+///
+/// Implemented by timed services (trigger) and queues (pause, resume); other crates implement it for
+/// their own services and attach it with [`StatusHandle::set_control`].
+pub trait ServiceControl: Send + Sync + 'static {
+    /// Run now, out of schedule. Returns false when the service cannot be triggered.
+    fn trigger(&self) -> bool {
+        false
+    }
+    /// Stop taking new work. Returns false when the service cannot be paused.
+    fn pause(&self) -> bool {
+        false
+    }
+    /// Resume taking work. Returns false when the service cannot be paused.
+    fn resume(&self) -> bool {
+        false
+    }
+    /// Whether [`trigger`](Self::trigger) does anything.
+    fn can_trigger(&self) -> bool {
+        false
+    }
+    /// Whether [`pause`](Self::pause) and [`resume`](Self::resume) do anything.
+    fn can_pause(&self) -> bool {
+        false
+    }
+}
+
+/// An operator action could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No service has that name.
+    #[error("no service is named `{0}`")]
+    UnknownService(String),
+    /// The service does not offer that action.
+    #[error("service `{service}` does not support `{action}`")]
+    Unsupported {
+        /// The service.
+        service: String,
+        /// The action asked for.
+        action: &'static str,
+    },
+}
+
+#[derive(Debug)]
+struct Record {
+    state: ServiceState,
+    since: SystemTime,
+    restarts: u32,
+    last_error: Option<String>,
+    /// Boxed on the first run: most services never have runs, and an idle one stays small.
+    runs: Option<Box<RunStats>>,
+    queue: Option<Box<QueueStats>>,
+    /// Kept only for services that declared a heartbeat interval: nothing else reads it, and an idle
+    /// service then costs no clock read per state change.
+    last_beat: Option<Instant>,
+}
+
+impl Record {
+    fn runs(&mut self) -> &mut RunStats {
+        self.runs.get_or_insert_with(Box::default)
+    }
+}
+
+pub(crate) struct Slot {
+    name: String,
+    kind: &'static str,
+    heartbeat_interval: Option<Duration>,
+    record: Mutex<Record>,
+    control: OnceLock<Arc<dyn ServiceControl>>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    fn record(&self) -> MutexGuard<'_, Record> {
+        // A panic while holding this lock cannot leave a record half-written in a way that matters:
+        // every write is a plain field store, so a poisoned lock is taken over as is.
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot(&self) -> ServiceStatus {
+        let r = self.record();
+        let control = self.control.get();
+        ServiceStatus {
+            name: self.name.clone(),
+            kind: self.kind,
+            state: r.state,
+            since: r.since,
+            restarts: r.restarts,
+            last_error: r.last_error.clone(),
+            runs: r.runs.as_deref().cloned().unwrap_or_default(),
+            queue: r.queue.as_deref().cloned(),
+            heartbeat_interval: self.heartbeat_interval,
+            since_heartbeat: self.heartbeat_interval.and(r.last_beat).map(|beat| beat.elapsed()),
+            can_trigger: control.is_some_and(|c| c.can_trigger()),
+            can_pause: control.is_some_and(|c| c.can_pause()),
+        }
+    }
+}
+
+/// The handle a service uses to report its state and runs. Cheap to clone.
+///
+/// ```
+/// # fn demo(status: stevedore::StatusHandle) {
+/// let run = status.run_started();
+/// // ... do the work ...
+/// status.run_finished(run, stevedore::RunOutcome::Succeeded, None);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct StatusHandle {
+    slot: Arc<Slot>,
+}
+
+/// A run in progress, returned by [`StatusHandle::run_started`] and handed back when it ends.
+#[derive(Debug)]
+#[must_use = "hand it back to StatusHandle::run_finished"]
+pub struct RunTicket {
+    started: Instant,
+}
+
+impl StatusHandle {
+    /// `now` is when the service was registered: the host reads the clock once for all of them.
+    pub(crate) fn new(name: String, kind: &'static str, heartbeat_interval: Option<Duration>, now: SystemTime) -> Self {
+        StatusHandle {
+            slot: Arc::new(Slot {
+                name,
+                kind,
+                heartbeat_interval,
+                record: Mutex::new(Record {
+                    state: ServiceState::Registered,
+                    since: now,
+                    restarts: 0,
+                    last_error: None,
+                    runs: None,
+                    queue: None,
+                    last_beat: heartbeat_interval.map(|_| Instant::now()),
+                }),
+                control: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// A handle that belongs to no host, for tests and for code run outside a host.
+    pub fn detached(name: impl Into<String>) -> Self {
+        Self::new(name.into(), "detached", None, SystemTime::now())
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.slot.name
+    }
+
+    /// A snapshot of the service.
+    pub fn snapshot(&self) -> ServiceStatus {
+        self.slot.snapshot()
+    }
+
+    /// Records progress: a service that declared a heartbeat interval is unhealthy when it has not
+    /// called this within the interval.
+    pub fn heartbeat(&self) {
+        if self.slot.heartbeat_interval.is_some() {
+            self.slot.record().last_beat = Some(Instant::now());
+        }
+    }
+
+    /// Records the start of a run.
+    pub fn run_started(&self) -> RunTicket {
+        let now = Instant::now();
+        let mut r = self.slot.record();
+        let runs = r.runs();
+        runs.started += 1;
+        runs.in_flight += 1;
+        runs.last_started = Some(SystemTime::now());
+        if self.slot.heartbeat_interval.is_some() {
+            r.last_beat = Some(now);
+        }
+        RunTicket { started: now }
+    }
+
+    /// Records the end of a run and its outcome; `error` is kept as the last run error.
+    pub fn run_finished(&self, ticket: RunTicket, outcome: RunOutcome, error: Option<String>) {
+        let now = Instant::now();
+        let mut r = self.slot.record();
+        if self.slot.heartbeat_interval.is_some() {
+            r.last_beat = Some(now);
+        }
+        let runs = r.runs();
+        runs.in_flight = runs.in_flight.saturating_sub(1);
+        runs.last_duration = Some(now.saturating_duration_since(ticket.started));
+        runs.last_outcome = Some(outcome);
+        match outcome {
+            RunOutcome::Succeeded => runs.succeeded += 1,
+            RunOutcome::Cancelled => {}
+            RunOutcome::Failed | RunOutcome::TimedOut => {
+                runs.failed += 1;
+                runs.last_run_error = error;
+            }
+        }
+    }
+
+    /// Records a tick skipped because a run was still going.
+    pub fn run_skipped(&self) {
+        self.slot.record().runs().skipped += 1;
+    }
+
+    /// Records when the next run is due.
+    pub fn set_next_run(&self, next: Option<SystemTime>) {
+        self.slot.record().runs().next_run = next;
+    }
+
+    /// Records queue figures.
+    pub fn set_queue(&self, queue: QueueStats) {
+        match &mut self.slot.record().queue {
+            Some(current) => **current = queue,
+            slot => *slot = Some(Box::new(queue)),
+        }
+    }
+
+    /// Updates queue figures in place (creating them when absent).
+    pub fn update_queue(&self, f: impl FnOnce(&mut QueueStats)) {
+        let mut r = self.slot.record();
+        f(r.queue.get_or_insert_with(Box::default));
+    }
+
+    /// Attaches operator actions. Only the first call takes effect.
+    pub fn set_control(&self, control: Arc<dyn ServiceControl>) {
+        let _ = self.slot.control.set(control);
+    }
+
+    pub(crate) fn set_state(&self, state: ServiceState) {
+        let mut r = self.slot.record();
+        if r.state != state {
+            r.state = state;
+            r.since = SystemTime::now();
+        }
+        if state == ServiceState::Running && self.slot.heartbeat_interval.is_some() {
+            r.last_beat = Some(Instant::now());
+        }
+    }
+
+    /// Moves to `state` unless the service already ended on its own (completed or failed): one lock
+    /// for what would otherwise be a read then a write.
+    pub(crate) fn set_state_unless_ended(&self, state: ServiceState) {
+        let mut r = self.slot.record();
+        if r.state != state && !matches!(r.state, ServiceState::Completed | ServiceState::Failed) {
+            r.state = state;
+            r.since = SystemTime::now();
+        }
+    }
+
+    /// Name, state and last error, for the run report, without a full snapshot.
+    pub(crate) fn outcome(&self) -> (String, ServiceState, Option<String>) {
+        let r = self.slot.record();
+        (self.slot.name.clone(), r.state, r.last_error.clone())
+    }
+
+    pub(crate) fn set_failed(&self, state: ServiceState, error: String) {
+        let mut r = self.slot.record();
+        r.state = state;
+        r.since = SystemTime::now();
+        r.last_error = Some(error);
+    }
+
+    pub(crate) fn add_restart(&self) -> u32 {
+        let mut r = self.slot.record();
+        r.restarts += 1;
+        r.restarts
+    }
+
+    fn control(&self) -> Option<&Arc<dyn ServiceControl>> {
+        self.slot.control.get()
+    }
+}
+
+/// Readiness of the whole host, as `/health/ready` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// True only when every service has started and the host is not stopping.
+    pub ready: bool,
+    /// The host's phase.
+    pub host: HostState,
+    /// Services that are not ready, with the reason.
+    pub not_ready: Vec<(String, String)>,
+}
+
+/// A cheap, cloneable view of the host and every service.
+///
+/// ```
+/// # async fn demo() -> Result<(), stevedore::BuildError> {
+/// let host = stevedore::Host::builder()
+///     .add(stevedore::ServiceSpec::from_fn("idle", |ctx| async move {
+///         ctx.cancelled().await;
+///         Ok::<_, std::convert::Infallible>(())
+///     }))
+///     .build()?;
+/// let status = host.status();
+/// for service in status.services() {
+///     println!("{} is {}", service.name, service.state.as_str());
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct StatusView {
+    slots: Arc<[StatusHandle]>,
+    lifetime: AppLifetime,
+}
+
+impl StatusView {
+    pub(crate) fn new(slots: Vec<StatusHandle>, lifetime: AppLifetime) -> Self {
+        StatusView { slots: slots.into(), lifetime }
+    }
+
+    /// Snapshots of every service, in registration order.
+    pub fn services(&self) -> Vec<ServiceStatus> {
+        self.slots.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// A snapshot of one service.
+    pub fn service(&self, name: &str) -> Option<ServiceStatus> {
+        self.find(name).map(|s| s.snapshot())
+    }
+
+    /// The host's phase.
+    pub fn host_state(&self) -> HostState {
+        self.lifetime.state()
+    }
+
+    /// The host's lifetime handle.
+    pub fn lifetime(&self) -> &AppLifetime {
+        &self.lifetime
+    }
+
+    /// Ready when the host has started, is not stopping, and no service is failed, abandoned or
+    /// silent past its heartbeat interval.
+    pub fn readiness(&self) -> Readiness {
+        let host = self.lifetime.state();
+        let mut not_ready = Vec::new();
+        if host != HostState::Started || self.lifetime.is_stop_requested() {
+            let why = if self.lifetime.is_stop_requested() && host < HostState::Stopping {
+                "stop requested".to_string()
+            } else {
+                format!("host is {}", host.as_str())
+            };
+            not_ready.push(("host".to_string(), why));
+        }
+        for s in self.services() {
+            if !s.is_healthy() {
+                let why = match s.state {
+                    ServiceState::Failed | ServiceState::Abandoned => {
+                        format!("{}: {}", s.state.as_str(), s.last_error.clone().unwrap_or_default())
+                    }
+                    _ => format!(
+                        "no heartbeat for {:?} (declared interval {:?})",
+                        s.since_heartbeat.unwrap_or_default(),
+                        s.heartbeat_interval.unwrap_or_default()
+                    ),
+                };
+                not_ready.push((s.name.clone(), why));
+            } else if host == HostState::Started && matches!(s.state, ServiceState::Registered | ServiceState::Starting)
+            {
+                not_ready.push((s.name.clone(), s.state.as_str().to_string()));
+            }
+        }
+        Readiness { ready: not_ready.is_empty(), host, not_ready }
+    }
+
+    /// Runs a timed service now.
+    pub fn trigger(&self, name: &str) -> Result<(), ControlError> {
+        self.act(name, "trigger", |c| c.trigger())
+    }
+
+    /// Pauses a queue.
+    pub fn pause(&self, name: &str) -> Result<(), ControlError> {
+        self.act(name, "pause", |c| c.pause())
+    }
+
+    /// Resumes a paused queue.
+    pub fn resume(&self, name: &str) -> Result<(), ControlError> {
+        self.act(name, "resume", |c| c.resume())
+    }
+
+    fn act(
+        &self,
+        name: &str,
+        action: &'static str,
+        f: impl FnOnce(&Arc<dyn ServiceControl>) -> bool,
+    ) -> Result<(), ControlError> {
+        let slot = self.find(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
+        match slot.control() {
+            Some(c) if f(c) => Ok(()),
+            _ => Err(ControlError::Unsupported { service: name.to_string(), action }),
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<&StatusHandle> {
+        self.slots.iter().find(|s| s.name() == name)
+    }
+}

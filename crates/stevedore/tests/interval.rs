@@ -1,0 +1,326 @@
+//! Interval services under tokio's paused clock: schedule, overlap, missed ticks, jitter, trigger,
+//! timeout, stop.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stevedore::interval::{IntervalService, Overlap};
+use stevedore::{
+    BoxError, BuildError, CancellationToken, Host, HostBuilder, RunOutcome, RunReport, ServiceSpec, ServiceState,
+    StatusView,
+};
+use tokio::time::Instant;
+
+fn builder() -> HostBuilder {
+    Host::builder().handle_signals(false).read_env(false).shutdown_timeout(Duration::from_secs(60))
+}
+
+/// Start times of runs, in whole seconds from the test's start.
+#[derive(Clone)]
+struct Starts {
+    t0: Instant,
+    at: Arc<Mutex<Vec<f64>>>,
+}
+
+impl Starts {
+    fn new() -> Self {
+        Starts { t0: Instant::now(), at: Arc::default() }
+    }
+    /// Records a start and returns how many runs started before it.
+    fn record(&self) -> usize {
+        let mut at = self.at.lock().unwrap();
+        at.push((Instant::now() - self.t0).as_secs_f64());
+        at.len() - 1
+    }
+    fn get(&self) -> Vec<f64> {
+        self.at.lock().unwrap().clone()
+    }
+}
+
+/// A handler that records its start and then takes `took(n)` for the n-th run.
+fn timed(
+    starts: &Starts,
+    took: impl Fn(usize) -> Duration + Clone + Send + Sync + 'static,
+) -> impl stevedore::Handler<()> {
+    let starts = starts.clone();
+    move || {
+        let n = starts.record();
+        let took = took.clone();
+        async move {
+            tokio::time::sleep(took(n)).await;
+            Ok::<_, BoxError>(())
+        }
+    }
+}
+
+/// Runs the host for `d` of virtual time, then stops it; returns the report and the status view.
+async fn run_for(host: Host, d: Duration) -> (RunReport, StatusView) {
+    let lifetime = host.lifetime();
+    let status = host.status();
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(d).await;
+        lifetime.request_stop();
+    });
+    let report = host.run().await;
+    stopper.await.unwrap();
+    (report, status)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[tokio::test(start_paused = true)]
+async fn fixed_rate_runs_at_start_then_every_period() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_rate("sync", secs(10), timed(&starts, |_| secs(1)));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (report, status) = run_for(host, Duration::from_millis(35_500)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    assert_eq!(starts.get(), [0.0, 10.0, 20.0, 30.0]);
+    let s = status.service("sync").unwrap();
+    assert_eq!(s.kind, "interval");
+    assert_eq!(s.state, ServiceState::Stopped);
+    assert_eq!((s.runs.started, s.runs.succeeded, s.runs.failed, s.runs.skipped), (4, 4, 0, 0));
+    assert_eq!(s.runs.last_outcome, Some(RunOutcome::Succeeded));
+    assert_eq!(s.runs.last_duration, Some(secs(1)));
+    assert!(!s.can_trigger, "a stopped timer cannot be triggered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn initial_delay_shifts_the_grid() {
+    let starts = Starts::new();
+    let timer =
+        IntervalService::fixed_rate("late", secs(10), timed(&starts, |_| Duration::ZERO)).initial_delay(secs(5));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (_, status) = run_for(host, secs(30)).await;
+    assert_eq!(starts.get(), [5.0, 15.0, 25.0]);
+    assert!(status.service("late").unwrap().runs.next_run.is_none(), "no next run once stopped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn next_run_is_shown_while_waiting() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_rate("shown", secs(60), timed(&starts, |_| Duration::ZERO));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let status = host.status();
+    let lifetime = host.lifetime();
+    let task = tokio::spawn(host.run());
+    tokio::time::sleep(secs(1)).await;
+    let s = status.service("shown").unwrap();
+    let next = s.runs.next_run.expect("next run set");
+    let ahead = next.duration_since(std::time::SystemTime::now()).unwrap();
+    // Set when the wait began (virtual 0 s), from the system clock, which a paused tokio clock does not move.
+    assert!(ahead > secs(59) && ahead <= secs(60), "{ahead:?}");
+    assert!(s.can_trigger);
+    lifetime.request_stop();
+    assert!(task.await.unwrap().is_clean());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tick_during_a_run_is_skipped_by_default() {
+    let starts = Starts::new();
+    // The first run takes 25 s: the ticks at 10 and 20 fall during it.
+    let took = |n| if n == 0 { secs(25) } else { secs(1) };
+    let timer = IntervalService::fixed_rate("skip", secs(10), timed(&starts, took));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (_, status) = run_for(host, secs(55)).await;
+    assert_eq!(starts.get(), [0.0, 30.0, 40.0, 50.0], "never overlapping, back on the grid");
+    assert_eq!(status.service("skip").unwrap().runs.skipped, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tick_during_a_run_can_be_kept_once() {
+    let starts = Starts::new();
+    let took = |n| if n == 0 { secs(25) } else { secs(1) };
+    let timer = IntervalService::fixed_rate("keep", secs(10), timed(&starts, took)).overlap(Overlap::RunOnce);
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (_, status) = run_for(host, secs(55)).await;
+    // Two ticks fell during the long run: one catch-up run at its end, then the grid.
+    assert_eq!(starts.get(), [0.0, 25.0, 30.0, 40.0, 50.0]);
+    assert_eq!(status.service("keep").unwrap().runs.skipped, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ticks_missed_while_the_process_was_stalled_fold_into_one_run() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_rate("stalled", secs(10), timed(&starts, |_| Duration::ZERO));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    // At 5 s the whole process stalls for 30 s (as under SIGSTOP): ticks 10, 20 and 30 fall due unseen.
+    tokio::spawn(async {
+        tokio::time::sleep(secs(5)).await;
+        tokio::time::advance(secs(30)).await;
+    });
+    let (_, status) = run_for(host, secs(45)).await;
+    assert_eq!(starts.get(), [0.0, 35.0, 40.0], "one late run, no burst, then the grid");
+    assert_eq!(status.service("stalled").unwrap().runs.skipped, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fixed_delay_waits_after_each_run() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_delay("delay", secs(10), timed(&starts, |_| secs(3)));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let _ = run_for(host, secs(45)).await;
+    assert_eq!(starts.get(), [0.0, 13.0, 26.0, 39.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_delays_each_run_within_its_bound_without_drift() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_rate("jitter", secs(10), timed(&starts, |_| Duration::ZERO)).jitter(secs(2));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let _ = run_for(host, Duration::from_millis(199_000)).await;
+    let at = starts.get();
+    assert_eq!(at.len(), 20);
+    for (i, t) in at.iter().enumerate() {
+        let grid = 10.0 * i as f64;
+        assert!((grid..=grid + 2.0).contains(t), "run {i} at {t}s, outside [{grid}, {}]", grid + 2.0);
+    }
+    assert!(at.iter().enumerate().any(|(i, t)| *t != 10.0 * i as f64), "jitter moved no run: {at:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn trigger_runs_now_without_moving_the_grid_and_is_kept_once_during_a_run() {
+    let starts = Starts::new();
+    let took = |n| if n == 1 { secs(10) } else { Duration::ZERO };
+    let timer = IntervalService::fixed_rate("report", secs(60), timed(&starts, took));
+    let trigger = timer.trigger_handle();
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let status = host.status();
+    tokio::spawn(async move {
+        tokio::time::sleep(secs(5)).await;
+        assert!(trigger.trigger()); // run 1, takes 10 s
+        tokio::time::sleep(secs(2)).await;
+        assert!(trigger.trigger()); // during run 1: kept...
+        status.trigger("report").unwrap(); // ...once, however many
+    });
+    let (_, status) = run_for(host, secs(90)).await;
+    assert_eq!(starts.get(), [0.0, 5.0, 15.0, 60.0]);
+    assert_eq!(status.service("report").unwrap().runs.started, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_past_its_timeout_is_recorded_as_timed_out() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_rate("slow", secs(60), timed(&starts, |_| secs(120))).timeout(secs(2));
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (report, status) = run_for(host, secs(10)).await;
+    assert!(report.is_clean(), "a failing run is not a failing service: {}", report.summary());
+    let s = status.service("slow").unwrap();
+    assert_eq!(s.runs.last_outcome, Some(RunOutcome::TimedOut));
+    assert_eq!(s.runs.failed, 1);
+    assert!(s.runs.last_run_error.unwrap().contains("timeout"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_and_panics_are_recorded_and_the_timer_goes_on() {
+    let n = Arc::new(Mutex::new(0));
+    let counter = n.clone();
+    let handler = move || {
+        let run = {
+            let mut n = counter.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        async move {
+            match run {
+                1 => Err::<(), BoxError>("upstream said 503".into()),
+                2 => panic!("index out of bounds"),
+                _ => Ok(()),
+            }
+        }
+    };
+    let host = builder().add(IntervalService::fixed_rate("flaky", secs(10), handler).into_spec()).build().unwrap();
+    let (report, status) = run_for(host, secs(25)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    let s = status.service("flaky").unwrap();
+    assert_eq!((s.runs.started, s.runs.failed, s.runs.succeeded), (3, 2, 1));
+    assert!(s.runs.last_run_error.unwrap().contains("index out of bounds"));
+    assert_eq!(*n.lock().unwrap(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hosts_stop_cancels_the_run_in_progress() {
+    let saw_stop = Arc::new(Mutex::new(None));
+    let seen = saw_stop.clone();
+    let t0 = Instant::now();
+    let handler = move |stop: CancellationToken| {
+        let seen = seen.clone();
+        async move {
+            tokio::select! {
+                _ = stop.cancelled() => { *seen.lock().unwrap() = Some(t0.elapsed()); Ok(()) }
+                _ = tokio::time::sleep(secs(3600)) => Err::<(), BoxError>("never stopped".into()),
+            }
+        }
+    };
+    let host = builder().add(IntervalService::fixed_rate("long", secs(60), handler).into_spec()).build().unwrap();
+    let (report, status) = run_for(host, secs(7)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    assert_eq!(*saw_stop.lock().unwrap(), Some(secs(7)));
+    assert_eq!(status.service("long").unwrap().runs.succeeded, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_run_gets_a_fresh_scope() {
+    use stevedore::{Scoped, ServiceCollection};
+    struct RunId(u32);
+    let made = Arc::new(Mutex::new(0u32));
+    let counter = made.clone();
+    let services = ServiceCollection::new().scoped(move || {
+        let counter = counter.clone();
+        async move {
+            let mut n = counter.lock().unwrap();
+            *n += 1;
+            Ok::<_, BoxError>(RunId(*n))
+        }
+    });
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let seen = ids.clone();
+    let handler = move |id: Scoped<RunId>| {
+        let seen = seen.clone();
+        async move {
+            let id = id.lock().await.0;
+            seen.lock().unwrap().push(id);
+            Ok::<_, BoxError>(())
+        }
+    };
+    let host = builder()
+        .services(services)
+        .add(IntervalService::fixed_rate("scoped", secs(10), handler).into_spec())
+        .build()
+        .unwrap();
+    let _ = run_for(host, secs(25)).await;
+    assert_eq!(*ids.lock().unwrap(), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_handler_needing_an_unregistered_type_fails_the_build() {
+    use stevedore::Singleton;
+    struct ApiClient;
+    let handler = |_api: Singleton<ApiClient>| async { Ok::<_, BoxError>(()) };
+    let err = builder().add(IntervalService::fixed_rate("sync", secs(60), handler).into_spec()).build().unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("sync") && text.contains("ApiClient"), "{text}");
+}
+
+#[tokio::test]
+async fn a_zero_interval_fails_the_build_naming_the_service() {
+    let noop = || async { Ok::<_, BoxError>(()) };
+    let err = builder().add(IntervalService::fixed_rate("spin", Duration::ZERO, noop).into_spec()).build().unwrap_err();
+    assert!(matches!(&err, BuildError::InvalidService { service, .. } if service == "spin"), "{err}");
+    assert!(err.to_string().contains("interval of zero"), "{err}");
+    let err =
+        builder().add(IntervalService::fixed_rate("wide", secs(10), noop).jitter(secs(10)).into()).build().unwrap_err();
+    assert!(err.to_string().contains("`wide`") && err.to_string().contains("jitter"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trigger_after_the_stop_is_refused() {
+    let timer = IntervalService::fixed_rate("done", secs(60), || async { Ok::<_, BoxError>(()) });
+    let trigger = timer.trigger_handle();
+    let spec: ServiceSpec = timer.into();
+    let host = builder().add(spec).build().unwrap();
+    let _ = run_for(host, secs(1)).await;
+    assert!(!trigger.trigger());
+}
