@@ -1,0 +1,70 @@
+//! Figures: a table for people, and with `--json` one JSON object on the last line for tools.
+
+use std::collections::BTreeMap;
+
+/// Named figures of one scenario, printed as a table and optionally as JSON.
+#[derive(Default)]
+pub struct Figures {
+    title: String,
+    rows: Vec<(String, f64, String)>,
+    notes: Vec<String>,
+}
+
+impl Figures {
+    pub fn new(title: impl Into<String>) -> Self {
+        Figures { title: title.into(), ..Default::default() }
+    }
+
+    /// Adds a figure: its JSON name, value, and a human description with unit.
+    pub fn add(&mut self, name: &str, value: f64, what: impl Into<String>) {
+        self.rows.push((name.to_string(), value, what.into()));
+    }
+
+    /// Adds a line of context printed under the table.
+    pub fn note(&mut self, line: impl Into<String>) {
+        self.notes.push(line.into());
+    }
+
+    pub fn print(&self, json: bool) {
+        println!("## {}", self.title);
+        println!();
+        println!("| figure | value | what |");
+        println!("|---|---|---|");
+        for (name, value, what) in &self.rows {
+            println!("| `{name}` | {} | {what} |", format_value(*value));
+        }
+        for note in &self.notes {
+            println!();
+            println!("{note}");
+        }
+        if json {
+            let map: BTreeMap<&str, f64> = self.rows.iter().map(|(n, v, _)| (n.as_str(), *v)).collect();
+            println!("{}", serde_json::to_string(&map).unwrap_or_else(|_| "{}".into()));
+        }
+    }
+}
+
+fn format_value(v: f64) -> String {
+    if v.abs() >= 1000.0 { format!("{v:.0}") } else { format!("{v:.3}") }
+}
+
+/// The median of a set of measurements.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Resident set size of this process, in bytes (Linux), or 0 where unknown.
+pub fn rss_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0 };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

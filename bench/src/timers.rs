@@ -1,0 +1,231 @@
+//! `timers`: 10,000 interval services at 100 ms for 10 s against 10,000 bare `tokio::time::interval`
+//! loops in the same process, each side on its own 2-thread runtime: tick lateness (mean, p99) and
+//! the process CPU time used over the measured window.
+//!
+//! Lateness is a run's start minus the grid point it runs for: for the bare loops (tokio's burst
+//! policy, every tick runs) the k-th run against `first + k * period`; for Stevedore (ticks it
+//! cannot make are skipped, and counted) against the nearest grid point. Samples go to a 1 µs histogram shared by every timer of a side; the window
+//! starts one period after every timer has started.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use stevedore::interval::IntervalService;
+use stevedore::{BoxError, Host};
+
+use crate::report::{Figures, median};
+
+const PERIOD: Duration = Duration::from_millis(100);
+/// Histogram range: lateness past this is counted in the last bucket.
+const BUCKETS: usize = 200_000;
+
+struct Histogram {
+    buckets: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+    fn record(&self, late: Duration) {
+        let us = late.as_micros().min(BUCKETS as u128 - 1) as usize;
+        self.buckets[us].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+    fn reset(&self) {
+        for b in &self.buckets {
+            b.store(0, Ordering::Relaxed);
+        }
+        self.sum_us.store(0, Ordering::Relaxed);
+        self.count.store(0, Ordering::Relaxed);
+    }
+    fn mean_ms(&self) -> f64 {
+        let n = self.count.load(Ordering::Relaxed).max(1);
+        self.sum_us.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0
+    }
+    fn p99_ms(&self) -> f64 {
+        let n = self.count.load(Ordering::Relaxed);
+        let target = (n as f64 * 0.99).ceil() as u64;
+        let mut seen = 0;
+        for (us, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= target {
+                return us as f64 / 1000.0;
+            }
+        }
+        (BUCKETS - 1) as f64 / 1000.0
+    }
+}
+
+/// One timer's grid: its first tick and how many ticks it has had.
+#[derive(Default)]
+struct Grid {
+    first: OnceLock<Instant>,
+    k: AtomicU64,
+    anchor: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Grid {
+    /// For a timer that skips ticks it cannot make (Stevedore's default policy): lateness against
+    /// the nearest grid point (the skipped ones are counted apart). The grid is the earliest one the
+    /// runs fit, as the first run may itself start a little after the timer's own grid origin.
+    fn tick_on_grid(&self, hist: &Histogram) {
+        let now = Instant::now();
+        let mut anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(origin) = *anchor else {
+            *anchor = Some(now);
+            hist.record(Duration::ZERO);
+            return;
+        };
+        let since = now.saturating_duration_since(origin).as_nanos();
+        let period = PERIOD.as_nanos();
+        let k = ((since + period / 2) / period) as u32;
+        let due = origin + PERIOD * k;
+        if now < due {
+            // Earlier than the grid assumed: the grid starts earlier than the first run.
+            *anchor = Some(origin - (due - now));
+            hist.record(Duration::ZERO);
+        } else {
+            hist.record(now - due);
+        }
+    }
+
+    /// For a timer that runs every tick, however late (tokio's default burst policy): lateness of the
+    /// k-th run against the k-th grid point.
+    fn tick(&self, hist: &Histogram) {
+        let now = Instant::now();
+        let first = *self.first.get_or_init(|| now);
+        let k = self.k.fetch_add(1, Ordering::Relaxed);
+        let due = first + PERIOD * k as u32;
+        hist.record(now.saturating_duration_since(due));
+    }
+}
+
+/// Process CPU time (user + system), from /proc (Linux); zero elsewhere.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Duration::ZERO };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return Duration::ZERO };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum()).unwrap_or(0);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// Waits one period, resets the histogram, then measures `window`: (mean ms, p99 ms, CPU seconds).
+async fn measure(hist: &Histogram, window: Duration) -> (f64, f64, f64) {
+    tokio::time::sleep(PERIOD).await;
+    hist.reset();
+    let cpu = cpu_time();
+    tokio::time::sleep(window).await;
+    let used = cpu_time().saturating_sub(cpu);
+    (hist.mean_ms(), hist.p99_ms(), used.as_secs_f64())
+}
+
+fn baseline(n: usize, window: Duration) -> (f64, f64, f64) {
+    let rt = runtime();
+    let hist = Arc::new(Histogram::new());
+    rt.block_on(async {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (hist, stop) = (hist.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let grid = Grid::default();
+                let mut interval = tokio::time::interval(PERIOD);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = interval.tick() => {
+                            grid.tick(&hist);
+                            // The same no-op a Stevedore run does, for a like-for-like body.
+                            std::hint::black_box(async { Ok::<_, BoxError>(()) }.await).ok();
+                        }
+                    }
+                }
+            }));
+        }
+        let figures = measure(&hist, window).await;
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        figures
+    })
+}
+
+fn stevedore(n: usize, window: Duration) -> ((f64, f64, f64), u64) {
+    let rt = runtime();
+    let hist = Arc::new(Histogram::new());
+    rt.block_on(async {
+        let mut builder = Host::builder().handle_signals(false).read_env(false).start_concurrently(true);
+        for i in 0..n {
+            let (hist, grid) = (hist.clone(), Arc::new(Grid::default()));
+            let handler = move || {
+                grid.tick_on_grid(&hist);
+                async { Ok::<_, BoxError>(()) }
+            };
+            builder = builder.add(IntervalService::fixed_rate(format!("timer-{i}"), PERIOD, handler).into_spec());
+        }
+        let host = builder.build().expect("valid host");
+        let host_status = host.status();
+        let lifetime = host.lifetime();
+        let run = tokio::spawn(host.run());
+        lifetime.started().await;
+        let status = host_status.clone();
+        let skipped_before: u64 = status.services().iter().map(|s| s.runs.skipped).sum();
+        let figures = measure(&hist, window).await;
+        let skipped: u64 = status.services().iter().map(|s| s.runs.skipped).sum::<u64>() - skipped_before;
+        lifetime.request_stop();
+        let _ = run.await;
+        (figures, skipped)
+    })
+}
+
+pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
+    let window = Duration::from_secs(seconds);
+    if std::env::var_os("STEVEDORE_BENCH_TIMERS_PROFILE").is_some() {
+        // Profiling aid: the Stevedore side alone.
+        let ((mean, p99, cpu), skipped) = stevedore(n, window);
+        println!("mean {mean:.3} ms, p99 {p99:.3} ms, cpu {cpu:.2} s, skipped {skipped}");
+        std::process::exit(0);
+    }
+    let mut cols: [Vec<f64>; 7] = Default::default();
+    for _ in 0..runs {
+        let (mean, p99, cpu) = baseline(n, window);
+        cols[0].push(mean);
+        cols[1].push(p99);
+        cols[2].push(cpu);
+        let ((mean, p99, cpu), skipped) = stevedore(n, window);
+        cols[3].push(mean);
+        cols[4].push(p99);
+        cols[5].push(cpu);
+        cols[6].push(skipped as f64);
+    }
+    let [base_mean, base_p99, base_cpu, mean, p99, cpu, skipped] = cols.map(median);
+    let mut f =
+        Figures::new(format!("timers: {n} timers at {PERIOD:?} for {seconds} s, 2 worker threads (median of {runs})"));
+    f.add("p99_lateness_ms", p99, "Stevedore interval services: p99 tick lateness, ms");
+    f.add("cpu_ratio", cpu / base_cpu.max(f64::EPSILON), "Stevedore CPU time over the bare loops'");
+    f.add("mean_lateness_ms", mean, "Stevedore: mean tick lateness, ms");
+    f.add("baseline_p99_lateness_ms", base_p99, "bare tokio interval loops: p99 tick lateness, ms");
+    f.add("baseline_mean_lateness_ms", base_mean, "bare loops: mean tick lateness, ms");
+    f.add("skipped_ticks", skipped, "Stevedore: ticks skipped in the window (woken more than a period late)");
+    f.add("cpu_s", cpu, "Stevedore: process CPU seconds over the window");
+    f.add("baseline_cpu_s", base_cpu, "bare loops: process CPU seconds over the window");
+    f.note("Each Stevedore tick is a full run: fresh scope, span, panic guard and status record.");
+    f
+}
