@@ -32,11 +32,11 @@
 //! last jobs deleted by retention) has its gauges set to 0. The gauges are process-wide like the
 //! recorder, so two servers in one process should not attach stores with the same queue names.
 //!
-//! Run durations are a histogram sampled at scrape time: each scrape records the last duration of
-//! every service that finished runs since the previous scrape (one observation per service and
-//! scrape). Exact per-run observations need the core to emit them when a run ends.
+//! Run durations are recorded by the host itself as each run ends
+//! ([`stevedore::RUN_DURATION_METRIC`]), one observation per run. The host takes its histogram
+//! handles from the recorder when it is built, which is why `build_web` installs the recorder before
+//! building the host; a host built before any recorder was installed records into nothing.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,8 +54,8 @@ use crate::jobs::Jobs;
 
 /// HTTP request durations, by method, route and status.
 pub const HTTP_DURATION: &str = "http_server_request_duration_seconds";
-/// Run durations, by service.
-pub const RUN_DURATION: &str = "stevedore_run_duration_seconds";
+/// Run durations, by service: recorded by the host as each run ends.
+pub const RUN_DURATION: &str = stevedore::RUN_DURATION_METRIC;
 
 const HTTP_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const RUN_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
@@ -106,7 +106,7 @@ pub fn install_prometheus() -> Result<PrometheusHandle, MetricsError> {
 
 fn describe() {
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request durations, by method, route and status.");
-    describe_histogram!(RUN_DURATION, Unit::Seconds, "Run durations, sampled at scrape time, by service.");
+    describe_histogram!(RUN_DURATION, Unit::Seconds, "Run durations, by service.");
     describe_gauge!("stevedore_host_state", "1 for the host's current phase, 0 for the others.");
     describe_gauge!("stevedore_ready", "1 when the host is ready (what /health/ready reports).");
     describe_gauge!("stevedore_service_state", "1 for each service's current state, 0 for the others.");
@@ -125,7 +125,7 @@ fn describe() {
 }
 
 pub(crate) fn routes(status: StatusView, handle: PrometheusHandle, jobs: Option<(Arc<Jobs>, Duration)>) -> Router {
-    let scraper = Arc::new(Scraper { status, handle, jobs, seen: Mutex::new(HashMap::new()) });
+    let scraper = Arc::new(Scraper { status, handle, jobs });
     Router::new().route("/metrics", get(move || scrape(scraper.clone())))
 }
 
@@ -134,8 +134,6 @@ struct Scraper {
     handle: PrometheusHandle,
     /// The attached job store, and how old the job counts may be.
     jobs: Option<(Arc<Jobs>, Duration)>,
-    /// Runs finished per service at the previous scrape, to sample new run durations.
-    seen: Mutex<HashMap<String, u64>>,
 }
 
 async fn scrape(scraper: Arc<Scraper>) -> Response {
@@ -159,7 +157,6 @@ impl Scraper {
             gauge!("stevedore_host_state", "state" => s.as_str()).set(flag(*s == host));
         }
         gauge!("stevedore_ready").set(flag(self.status.readiness().ready));
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         for s in self.status.services() {
             let name = s.name.clone();
             for state in SERVICE_STATES {
@@ -177,13 +174,6 @@ impl Scraper {
             counter!("stevedore_runs_total", "service" => name.clone(), "outcome" => "failed").absolute(s.runs.failed);
             counter!("stevedore_runs_skipped_total", "service" => name.clone()).absolute(s.runs.skipped);
             gauge!("stevedore_runs_in_flight", "service" => name.clone()).set(s.runs.in_flight as f64);
-            let finished = s.runs.succeeded + s.runs.failed;
-            let before = seen.insert(name.clone(), finished).unwrap_or(0);
-            if finished > before
-                && let Some(d) = s.runs.last_duration
-            {
-                histogram!(RUN_DURATION, "service" => name.clone()).record(d.as_secs_f64());
-            }
             if let Some(q) = &s.queue {
                 gauge!("stevedore_queue_depth", "service" => name.clone()).set(q.depth as f64);
                 gauge!("stevedore_queue_in_flight", "service" => name.clone()).set(q.in_flight as f64);

@@ -190,7 +190,9 @@ impl WebServer {
         self
     }
 
-    /// Renders `/metrics` from a Prometheus recorder the application installed itself.
+    /// Renders `/metrics` from a Prometheus recorder the application installed itself. Install it
+    /// before building the host, or run durations go unrecorded (the host takes its histogram
+    /// handles when it is built).
     pub fn prometheus_handle(mut self, handle: PrometheusHandle) -> Self {
         self.metrics = MetricsSource::Given(handle);
         self
@@ -363,6 +365,17 @@ impl WebHostExt for HostBuilder {
         if let Some(runtime) = &background {
             self = self.background_runtime(runtime.handle().clone());
         }
+        // The recorder goes in before the host is built: the host takes its run-duration histogram
+        // handles from it then, so every run from the first one on is recorded.
+        if matches!(web.metrics, MetricsSource::Global) {
+            web.metrics = match crate::metrics::install_prometheus() {
+                Ok(handle) => MetricsSource::Given(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "/metrics is not served");
+                    MetricsSource::Off
+                }
+            };
+        }
         let needs = std::mem::take(&mut web.needs);
         let status = Arc::new(OnceLock::new());
         let service =
@@ -465,15 +478,9 @@ impl HostedService for WebService {
             }
         }
         let metrics = match &cfg.metrics {
-            MetricsSource::Off => None,
             MetricsSource::Given(h) => Some(h.clone()),
-            MetricsSource::Global => match crate::metrics::install_prometheus() {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "/metrics is not served");
-                    None
-                }
-            },
+            // `build_web` resolved `Global` already.
+            MetricsSource::Off | MetricsSource::Global => None,
         };
         let app = self.router(ctx, status, token, metrics);
         let shutdown = CancellationToken::new();

@@ -56,7 +56,9 @@ async fn metrics_carry_the_host_figures_and_pass_promtool() {
         r#"stevedore_service_state{service="m-web",state="running"} 1"#,
         r#"stevedore_host_state{state="started"} 1"#,
         "stevedore_ready 1",
-        r#"stevedore_run_duration_seconds_count{service="m-timer"}"#,
+        // One observation per run, recorded as the run ended.
+        r#"stevedore_run_duration_seconds_count{service="m-timer"} 2"#,
+        r#"stevedore_run_duration_seconds_bucket{service="m-timer",le="+Inf"} 2"#,
         r#"http_server_request_duration_seconds_count{method="GET",route="/users/{id}",status="200"} 3"#,
         r#"http_server_request_duration_seconds_count{method="GET",route="unmatched",status="404"} 1"#,
         r#"http_server_request_duration_seconds_bucket{method="GET",route="/users/{id}",status="200",le="+Inf"} 3"#,

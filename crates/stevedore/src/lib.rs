@@ -61,8 +61,8 @@ pub use runs::TriggerHandle;
 pub use scope::{Lifetime, Scope, Scoped, ServiceCollection, Singleton, Transient};
 pub use service::{BackgroundService, HostedService, ServiceContext, ServiceSpec};
 pub use status::{
-    ControlError, QueueStats, Readiness, RunOutcome, RunStats, ServiceControl, ServiceState, ServiceStatus,
-    StatusHandle, StatusView,
+    ControlError, QueueStats, RUN_DURATION_METRIC, Readiness, RunOutcome, RunStats, ServiceControl, ServiceState,
+    ServiceStatus, StatusHandle, StatusView,
 };
 pub use supervision::{OnFailure, RestartPolicy};
 
