@@ -217,7 +217,9 @@ where
     Fut: Future<Output = Result<(), BoxError>> + Send,
 {
     let result = match timeout {
-        Some(limit) => match tokio::time::timeout(limit, work).await {
+        // Boxed: a timer is dearer than the allocation, and unboxed the timer's state would grow the
+        // future of every run, timed or not, which is moved at each layer.
+        Some(limit) => match Box::pin(tokio::time::timeout(limit, work)).await {
             Ok(r) => r.map_err(|e| error_chain(e.as_ref())),
             Err(_) => return (RunOutcome::TimedOut, Some(format!("run exceeded its timeout of {limit:?}"))),
         },
@@ -238,7 +240,11 @@ pub async fn run_handler<Args, H: Handler<Args>>(
 ) -> RunResult {
     let scope = ctx.create_scope();
     let (outcome, error) = run_caught(timeout, handler.call(&scope)).await;
-    finish(scope, outcome, error).await
+    if scope.nothing_to_end() {
+        return RunResult { outcome, error };
+    }
+    // Boxed: rare (scoped values to end), and unboxed its state would grow every run's future.
+    Box::pin(finish(scope, outcome, error)).await
 }
 
 /// Runs a payload handler in a fresh scope of `ctx`; see [`run_handler`]. `prepare` may attach
@@ -253,7 +259,11 @@ pub async fn run_payload_handler<T, Args, H: PayloadHandler<T, Args>>(
     let scope = ctx.create_scope();
     prepare(&scope);
     let (outcome, error) = run_caught(timeout, handler.call(payload, &scope)).await;
-    finish(scope, outcome, error).await
+    if scope.nothing_to_end() {
+        return RunResult { outcome, error };
+    }
+    // Boxed: rare (scoped values to end), and unboxed its state would grow every run's future.
+    Box::pin(finish(scope, outcome, error)).await
 }
 
 /// Runs `work` with a timeout, catching panics as failures.

@@ -24,7 +24,14 @@ where
     F: Future<Output = RunResult>,
 {
     let ticket = ctx.status().run_started();
-    let span = tracing::info_span!("run", service = ctx.name(), cause);
+    // The level check first: with no subscriber interested in INFO, the span macro would still
+    // format its fields for the `log` crate (tracing's `log` feature, which sqlx and others turn
+    // on), a cost every run of a busy queue felt.
+    let span = if tracing::level_enabled!(tracing::Level::INFO) {
+        tracing::info_span!("run", service = ctx.name(), cause)
+    } else {
+        tracing::Span::none()
+    };
     // A disabled span (no subscriber wants it) costs nothing to skip; busy queues feel the wrapper.
     let result = if span.is_disabled() { work.await } else { work.instrument(span.clone()).await };
     match result.outcome {

@@ -446,6 +446,12 @@ impl Scope {
         values.iter().find(|(t, _)| *t == id).map(|(_, v)| v.clone())
     }
 
+    /// True when no scoped value was made, so closing has nothing to end: the common case of a
+    /// run without scoped dependencies skips building the close future altogether.
+    pub(crate) fn nothing_to_end(&self) -> bool {
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     /// Ends the scope: scoped values are ended in reverse order of creation, each end hook seeing
     /// `outcome`. Every hook runs even if one fails; the errors are returned together, never swallowed.
     pub async fn close(self, outcome: RunOutcome) -> Result<(), BoxError> {

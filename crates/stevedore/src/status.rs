@@ -215,6 +215,9 @@ struct Record {
     /// Kept only for services that declared a heartbeat interval: nothing else reads it, and an idle
     /// service then costs no clock read per state change.
     last_beat: Option<Instant>,
+    /// When the last run started, on the monotonic clock already read for the run; turned into
+    /// wall-clock time only when a snapshot is taken, so a run pays one clock read, not two.
+    last_start: Option<Instant>,
 }
 
 impl Record {
@@ -256,7 +259,12 @@ impl Slot {
             since: r.since,
             restarts: r.restarts,
             last_error: r.last_error.clone(),
-            runs: r.runs.as_deref().cloned().unwrap_or_default(),
+            runs: {
+                let mut runs = r.runs.as_deref().cloned().unwrap_or_default();
+                runs.last_started =
+                    r.last_start.map(|at| SystemTime::now() - Instant::now().saturating_duration_since(at));
+                runs
+            },
             queue: r.queue.as_deref().cloned(),
             heartbeat_interval: self.heartbeat_interval,
             since_heartbeat: self.heartbeat_interval.and(r.last_beat).map(|beat| beat.elapsed()),
@@ -304,6 +312,7 @@ impl StatusHandle {
                     runs: None,
                     queue: None,
                     last_beat: heartbeat_interval.map(|_| Instant::now()),
+                    last_start: None,
                 }),
                 control: OnceLock::new(),
                 run_duration: metrics::histogram!(RUN_DURATION_METRIC, "service" => name_label),
@@ -341,10 +350,10 @@ impl StatusHandle {
         let runs = r.runs();
         runs.started += 1;
         runs.in_flight += 1;
-        runs.last_started = Some(SystemTime::now());
         if self.slot.heartbeat_interval.is_some() {
             r.last_beat = Some(now);
         }
+        r.last_start = Some(now);
         RunTicket { started: now }
     }
 

@@ -84,6 +84,9 @@ async fn fixed_rate_runs_at_start_then_every_period() {
     assert_eq!((s.runs.started, s.runs.succeeded, s.runs.failed, s.runs.skipped), (4, 4, 0, 0));
     assert_eq!(s.runs.last_outcome, Some(RunOutcome::Succeeded));
     assert_eq!(s.runs.last_duration, Some(secs(1)));
+    // The last run started at 30 s on the host's clock, about 5.5 s before the snapshot.
+    let ago = std::time::SystemTime::now().duration_since(s.runs.last_started.expect("a last start")).unwrap();
+    assert!(ago >= Duration::from_millis(5_400) && ago < secs(7), "last start {ago:?} ago");
     assert!(!s.can_trigger, "a stopped timer cannot be triggered");
 }
 
