@@ -137,6 +137,38 @@ pub async fn run(opts: &JobsOptions) -> Result<Value, BoxError> {
     Ok(figures)
 }
 
+/// Runs the whole scenario `runs` times and reports the median of every figure (and of every
+/// detail line), with the runs' values kept under `runs`.
+pub async fn run_median(opts: &JobsOptions, runs: usize) -> Result<Value, BoxError> {
+    let mut all = Vec::with_capacity(runs.max(1));
+    for i in 0..runs.max(1) {
+        println!("-- run {} of {}", i + 1, runs.max(1));
+        all.push(run(opts).await?);
+    }
+    let median_of = |pick: &dyn Fn(&Value) -> Option<&serde_json::Map<String, Value>>| {
+        let mut out = serde_json::Map::new();
+        if let Some(first) = pick(&all[0]) {
+            for key in first.keys() {
+                let v: Vec<f64> =
+                    all.iter().filter_map(|r| pick(r).and_then(|m| m.get(key)).and_then(Value::as_f64)).collect();
+                if !v.is_empty() {
+                    out.insert(key.clone(), json!(crate::report::median(v)));
+                }
+            }
+        }
+        out
+    };
+    let mut figures = Value::Object(median_of(&|r| r.as_object()));
+    figures["detail"] = Value::Object(median_of(&|r| r.get("detail").and_then(Value::as_object)));
+    println!("jobs figures, median of {}: {}", all.len(), {
+        let mut f = figures.clone();
+        f.as_object_mut().map(|m| m.remove("detail"));
+        f
+    });
+    figures["runs"] = Value::Array(all);
+    Ok(figures)
+}
+
 struct Burn {
     rate: f64,
     enqueue_rate: f64,

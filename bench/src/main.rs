@@ -109,7 +109,7 @@ fn main() {
         Scenario::Jobs { jobs: n, latency_jobs, skip_peers } => {
             let opts = jobs::JobsOptions { jobs: n, latency_jobs, skip_peers, ..Default::default() };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-            print_value(rt.block_on(jobs::run(&opts)).map_err(|e| e.to_string()), cli.json);
+            print_value(rt.block_on(jobs::run_median(&opts, cli.runs)).map_err(|e| e.to_string()), cli.json);
             return;
         }
         Scenario::Bus { messages, producers } => {

@@ -680,11 +680,15 @@ async fn fetch_loop<S: JobStore>(
             spawn_job(&shared, &queue_shared, job, permit);
         }
         drop(permits);
-        if got > 0 {
-            // More may be due; the next fetch tells (and finds nothing when the queue is dry).
+        if got == asked || wakeup.has_changed() {
+            // A full batch: more may be due. Or jobs arrived during the fetch: take them now, so
+            // an enqueue that just missed the fetch waits one round trip, not three.
             continue;
         }
         let until_due = store.time_until_due(&queue).await.ok().flatten();
+        if wakeup.has_changed() {
+            continue;
+        }
         let wait = until_due.map_or(poll, |d| d.min(poll) + Duration::from_millis(1));
         tokio::select! {
             biased;

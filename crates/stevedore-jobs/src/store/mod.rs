@@ -84,6 +84,11 @@ impl Wakeup {
         self.0.mark_unchanged();
     }
 
+    /// True when a wake-up arrived since the last [`mark_seen`](Self::mark_seen).
+    pub fn has_changed(&self) -> bool {
+        self.0.has_changed().unwrap_or(false)
+    }
+
     /// Resolves at the next wake-up after the last [`mark_seen`](Self::mark_seen). Pending forever
     /// when the store is gone, so select it against a timeout.
     pub async fn changed(&mut self) {
