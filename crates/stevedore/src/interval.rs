@@ -62,7 +62,7 @@ use tokio::time::Instant;
 
 use crate::error::BoxError;
 use crate::handler::{Handler, run_handler};
-use crate::runs::{StoppedOnDrop, TriggerHandle, WallAnchor, jitter, recorded};
+use crate::runs::{StoppedOnDrop, TriggerHandle, jitter, recorded};
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
 
 /// What to do with ticks that fall while a run is still going (fixed rate only).
@@ -270,8 +270,6 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
         let _stopped = StoppedOnDrop(&svc.trigger);
         let status = ctx.status();
         let start = Instant::now();
-        let mut wall = WallAnchor::new();
-        let mut now = start;
         // One cancellation waiter and one timer for the service's life, re-armed each tick: creating
         // and dropping them per tick takes locks, which shows at thousands of timers.
         let cancelled = ctx.token().cancelled();
@@ -288,7 +286,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                     } else if svc.trigger.take() {
                         Cause::Trigger
                     } else {
-                        status.set_next_run(Some(wall.wall_time_of(next.due, now)));
+                        status.set_next_due(Some(next.due));
                         if sleep.deadline() != next.due {
                             sleep.as_mut().reset(next.due);
                         }
@@ -306,7 +304,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                     };
                     if cause == Cause::Tick {
                         // Woken late: ticks that fell due meanwhile fold into this run.
-                        now = Instant::now();
+                        let now = Instant::now();
                         let late = ticks_until(next.at + period, period, now);
                         for _ in 0..late.min(1_000_000) {
                             status.run_skipped();
@@ -315,7 +313,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                     }
                     recorded(&ctx, cause.as_str(), run_handler(&ctx, &svc.handler, svc.timeout)).await;
                     // Ticks that fell due during the run: skipped, or one kept (unless stopping).
-                    now = Instant::now();
+                    let now = Instant::now();
                     if next.due <= now && !ctx.is_cancelled() {
                         let missed = ticks_until(next.at, period, now);
                         let skipped = match svc.overlap {
@@ -338,7 +336,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                     let cause = if svc.trigger.take() {
                         Cause::Trigger
                     } else {
-                        status.set_next_run(Some(wall.wall_time_of(due, now)));
+                        status.set_next_due(Some(due));
                         if sleep.deadline() != due {
                             sleep.as_mut().reset(due);
                         }
@@ -355,12 +353,11 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                         }
                     };
                     recorded(&ctx, cause.as_str(), run_handler(&ctx, &svc.handler, svc.timeout)).await;
-                    now = Instant::now();
-                    due = now + delay + jitter(svc.jitter);
+                    due = Instant::now() + delay + jitter(svc.jitter);
                 }
             }
         }
-        status.set_next_run(None);
+        status.set_next_due(None);
         Ok(())
     }
 }

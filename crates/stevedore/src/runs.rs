@@ -1,15 +1,14 @@
 //! What every timed, queued and streamed run shares: its record in the status view, its tracing span,
-//! the "run now" trigger, and the wall clock timed services read.
+//! and the "run now" trigger.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::handler::RunResult;
@@ -43,28 +42,6 @@ where
     }
     ctx.status().run_finished(ticket, result.outcome, result.error);
     result.outcome
-}
-
-/// Converts tokio instants to wall-clock times for the status view's "next run", reading the system
-/// clock at most once a minute (a busy timer would otherwise pay two clock reads per tick).
-#[derive(Debug)]
-pub(crate) struct WallAnchor {
-    at: Instant,
-    wall: SystemTime,
-}
-
-impl WallAnchor {
-    pub(crate) fn new() -> Self {
-        WallAnchor { at: Instant::now(), wall: SystemTime::now() }
-    }
-
-    /// The wall-clock time of `at`; `now` is a recent reading of tokio's clock.
-    pub(crate) fn wall_time_of(&mut self, at: Instant, now: Instant) -> SystemTime {
-        if now.saturating_duration_since(self.at) > Duration::from_secs(60) {
-            *self = WallAnchor::new();
-        }
-        if at >= self.at { self.wall + (at - self.at) } else { self.wall - (self.at - at) }
-    }
 }
 
 /// A handle to run a timed service now, out of schedule (the dashboard's "run now").

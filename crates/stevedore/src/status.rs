@@ -1,5 +1,6 @@
 //! A cheap, cloneable view of every service's state, for health endpoints, metrics and the dashboard.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -234,6 +235,11 @@ pub(crate) struct Slot {
     control: OnceLock<Arc<dyn ServiceControl>>,
     /// Resolved once, when the host is built, so a run pays for one record and no key lookup.
     run_duration: metrics::Histogram,
+    /// When the next run is due, for timers that set it every tick: nanoseconds after `created`,
+    /// plus one (0: not set). An atomic store per tick, where the record's lock and a wall-clock
+    /// conversion would cost more at 10,000 timers; converted when a snapshot is taken.
+    next_due: AtomicU64,
+    created: Instant,
 }
 
 impl std::fmt::Debug for Slot {
@@ -249,6 +255,13 @@ impl Slot {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn next_due(&self) -> Option<Instant> {
+        match self.next_due.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.created + Duration::from_nanos(n - 1)),
+        }
+    }
+
     fn snapshot(&self) -> ServiceStatus {
         let r = self.record();
         let control = self.control.get();
@@ -260,9 +273,14 @@ impl Slot {
             restarts: r.restarts,
             last_error: r.last_error.clone(),
             runs: {
+                // Times kept on the host's clock become wall-clock times here, at one reading of each.
                 let mut runs = r.runs.as_deref().cloned().unwrap_or_default();
-                runs.last_started =
-                    r.last_start.map(|at| SystemTime::now() - Instant::now().saturating_duration_since(at));
+                let (wall, now) = (SystemTime::now(), Instant::now());
+                let to_wall = |at: Instant| if at >= now { wall + (at - now) } else { wall - (now - at) };
+                runs.last_started = r.last_start.map(to_wall);
+                if let Some(due) = self.next_due() {
+                    runs.next_run = Some(to_wall(due));
+                }
                 runs
             },
             queue: r.queue.as_deref().cloned(),
@@ -316,6 +334,8 @@ impl StatusHandle {
                 }),
                 control: OnceLock::new(),
                 run_duration: metrics::histogram!(RUN_DURATION_METRIC, "service" => name_label),
+                next_due: AtomicU64::new(0),
+                created: Instant::now(),
             }),
         }
     }
@@ -389,7 +409,21 @@ impl StatusHandle {
 
     /// Records when the next run is due.
     pub fn set_next_run(&self, next: Option<SystemTime>) {
+        self.slot.next_due.store(0, Ordering::Relaxed);
         self.slot.record().runs().next_run = next;
+    }
+
+    /// Records when the next run is due on the host's clock: no lock and no wall-clock read, for
+    /// timers that set it at every tick.
+    pub(crate) fn set_next_due(&self, at: Option<Instant>) {
+        let encoded = match at {
+            None => 0,
+            Some(at) => {
+                let nanos = at.saturating_duration_since(self.slot.created).as_nanos();
+                u64::try_from(nanos).unwrap_or(u64::MAX - 1).saturating_add(1)
+            }
+        };
+        self.slot.next_due.store(encoded, Ordering::Relaxed);
     }
 
     /// Records queue figures.
