@@ -174,6 +174,9 @@ impl HostBuilder {
         let lifetime = self.lifetime;
         // Every service is registered at the same moment: one clock read for all of them.
         let now = std::time::SystemTime::now();
+        // Stopping one by one, a background service after a background service hands the stop on
+        // from its own task (see `ServiceContext::pass_stop_on`).
+        let mut previous_background: Option<CancellationToken> = None;
         let entries: Vec<Entry> = self
             .services
             .into_iter()
@@ -183,8 +186,12 @@ impl HostBuilder {
                 if let Some(control) = extras.control {
                     status.set_control(control);
                 }
+                let token = CancellationToken::new();
+                let background = matches!(spec.work, Work::Background(_));
+                let stop_next = if background && !shutdown.concurrent { previous_background.take() } else { None };
+                previous_background = background.then(|| token.clone());
                 let ctx =
-                    ServiceContext::new(CancellationToken::new(), lifetime.clone(), status.clone(), container.clone());
+                    ServiceContext::chained(token, lifetime.clone(), status.clone(), container.clone(), stop_next);
                 Entry {
                     work: spec.work,
                     ignore_failures: extras.on_failure == OnFailure::Ignore,
@@ -696,6 +703,7 @@ fn spawn_on<F: Future<Output = ()> + Send + 'static>(
 /// in place, caught by a closure rather than moved into a wrapper); the failure path and a restart
 /// policy's state are boxed, so an idle service's task is little more than its own future.
 async fn supervise<T: BackgroundService>(service: T, ctx: ServiceContext, mut policy: Policy) {
+    let _pass_on = PassStopOn(&ctx);
     loop {
         let result = {
             let mut run = std::pin::pin!(service.execute(ctx.clone()));
@@ -723,6 +731,15 @@ async fn supervise<T: BackgroundService>(service: T, ctx: ServiceContext, mut po
             return;
         }
         ctx.status().set_state(ServiceState::Running);
+    }
+}
+
+/// Hands the stop on as the service's task ends, however it ends.
+struct PassStopOn<'a>(&'a ServiceContext);
+
+impl Drop for PassStopOn<'_> {
+    fn drop(&mut self) {
+        self.0.pass_stop_on();
     }
 }
 

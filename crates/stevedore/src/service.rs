@@ -108,6 +108,10 @@ struct ContextInner {
     lifetime: AppLifetime,
     status: StatusHandle,
     container: Arc<Container>,
+    /// In a stop one by one, the token the host cancels after this service's: cancelled by this
+    /// service's own task as it ends, so the stop runs down the chain without a hand-off to the
+    /// host per service. Set only between two background services (whose stop is the token alone).
+    stop_next: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for ContextInner {
@@ -123,7 +127,30 @@ impl ServiceContext {
         status: StatusHandle,
         container: Arc<Container>,
     ) -> Self {
-        ServiceContext { inner: Arc::new(ContextInner { token, lifetime, status, container }) }
+        ServiceContext { inner: Arc::new(ContextInner { token, lifetime, status, container, stop_next: None }) }
+    }
+
+    /// As [`new`](Self::new), for a background service whose stop hands on to `stop_next`.
+    pub(crate) fn chained(
+        token: CancellationToken,
+        lifetime: AppLifetime,
+        status: StatusHandle,
+        container: Arc<Container>,
+        stop_next: Option<CancellationToken>,
+    ) -> Self {
+        ServiceContext { inner: Arc::new(ContextInner { token, lifetime, status, container, stop_next }) }
+    }
+
+    /// Called as the service's task ends: during the host's stop, a service that stopped because
+    /// it was asked to passes the stop on. Never before the stop (a service ending on its own, or
+    /// cancelling its own token, does not stop its neighbour).
+    pub(crate) fn pass_stop_on(&self) {
+        if let Some(next) = &self.inner.stop_next
+            && self.inner.token.is_cancelled()
+            && self.inner.lifetime.state() == crate::HostState::Stopping
+        {
+            next.cancel();
+        }
     }
 
     /// A context outside any host, for tests and tools: cancelled when `token` is, with an empty registry.

@@ -566,3 +566,60 @@ fn background_services_run_on_the_background_runtime_unless_they_opt_out() {
     seen.sort();
     assert_eq!(seen, ["isolated on stevedore-bg", "opted out on host-rt"]);
 }
+
+/// A background service that, once cancelled, takes `takes` to wind down and logs when it began and
+/// finished winding down.
+fn winding_down(name: &'static str, log: &Log, takes: Duration) -> ServiceSpec {
+    let log = log.clone();
+    ServiceSpec::from_fn(name, move |ctx: ServiceContext| {
+        let log = log.clone();
+        async move {
+            ctx.cancelled().await;
+            log.lock().unwrap().push(format!("cancelled {name}"));
+            tokio::time::sleep(takes).await;
+            log.lock().unwrap().push(format!("stopped {name}"));
+            Ok::<_, BoxError>(())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_services_stop_one_by_one_in_reverse() {
+    let log = log();
+    let host = builder()
+        .add(winding_down("a", &log, Duration::from_millis(300)))
+        .add(winding_down("b", &log, Duration::from_millis(200)))
+        .add(winding_down("c", &log, Duration::from_millis(100)))
+        .build()
+        .unwrap();
+    let report = run_then_stop(host).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    // Each one is asked to stop only once the one registered after it has stopped.
+    assert_eq!(entries(&log), ["cancelled c", "stopped c", "cancelled b", "stopped b", "cancelled a", "stopped a"]);
+    assert_eq!(report.stop_duration, Duration::from_millis(600));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_ending_itself_does_not_stop_its_neighbour() {
+    let log = log();
+    let host = builder()
+        .add(winding_down("a", &log, Duration::ZERO))
+        .add(ServiceSpec::from_fn("b", |ctx: ServiceContext| async move {
+            // Cancels its own token and ends, long before the host stops.
+            ctx.token().cancel();
+            Ok::<_, BoxError>(())
+        }))
+        .build()
+        .unwrap();
+    let lifetime = host.lifetime();
+    let status = host.status();
+    let run = tokio::spawn(host.run());
+    assert!(lifetime.started().await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(entries(&log).is_empty(), "a was stopped by its neighbour: {:?}", entries(&log));
+    assert_eq!(status.service("a").unwrap().state, ServiceState::Running);
+    lifetime.request_stop();
+    let report = run.await.unwrap();
+    assert_eq!(entries(&log), ["cancelled a", "stopped a"]);
+    assert!(report.start_error.is_none());
+}
