@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use stevedore::{AppLifetime, Host, RunReport};
 use stevedore_jobs::{Job, JobId, JobState, JobStore, NewJob, Worker, WorkerConfig};
 use stevedore_web::{WebHostExt, WebServer};
-use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
 const TOKEN: &str = "jobs-admin-token";
@@ -66,29 +64,6 @@ async fn queue_stats(addr: SocketAddr, queue: &str) -> Option<serde_json::Value>
 
 async fn state_of<S: JobStore>(store: &S, id: JobId) -> JobState {
     store.get(id).await.expect("read the job").expect("the job exists").state
-}
-
-async fn promtool(text: &str) {
-    if !common::require_tool("/usr/bin/promtool", "prometheus") {
-        return;
-    }
-    let mut child = tokio::process::Command::new("/usr/bin/promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    let mut stdin = child.stdin.take().expect("a stdin");
-    stdin.write_all(text.as_bytes()).await.expect("written");
-    drop(stdin);
-    let out = child.wait_with_output().await.expect("promtool finishes");
-    assert!(
-        out.status.success(),
-        "promtool check metrics refused the output:\n{}{}\n---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The whole round trip on one store: a worker in the host makes two jobs dead (a failing
@@ -249,7 +224,7 @@ async fn round_trip<S: JobStore>(store: S, prefix: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(!text.contains(TOKEN), "the admin token leaked into the metrics");
-    promtool(&text).await;
+    common::promtool(&text).await;
 
     h.stop().await;
 }

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use axum::Router;
@@ -11,7 +10,6 @@ use axum::routing::get as route_get;
 use common::{eventually, get, post, queue, triggered};
 use stevedore::Host;
 use stevedore_web::{WebHostExt, WebServer};
-use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_the_host_figures_and_pass_promtool() {
@@ -69,25 +67,7 @@ async fn metrics_carry_the_host_figures_and_pass_promtool() {
     }
     assert!(!text.contains("t0ken"), "the admin token leaked into the metrics");
 
-    if common::require_tool("/usr/bin/promtool", "prometheus") {
-        let mut child = tokio::process::Command::new("/usr/bin/promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool runs");
-        let mut stdin = child.stdin.take().expect("a stdin");
-        stdin.write_all(text.as_bytes()).await.expect("written");
-        drop(stdin);
-        let out = child.wait_with_output().await.expect("promtool finishes");
-        assert!(
-            out.status.success(),
-            "promtool check metrics refused the output:\n{}{}\n---\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::promtool(&text).await;
 
     lifetime.request_stop();
     assert!(run.await.expect("joined").start_error.is_none());

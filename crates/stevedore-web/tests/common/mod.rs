@@ -5,6 +5,7 @@
 pub mod jobs;
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use stevedore::{BackgroundService, BoxError, RunOutcome, ServiceContext, ServiceControl, ServiceSpec};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
 /// A response: status code and body text.
@@ -181,6 +183,31 @@ pub fn require_tool(path: &str, package: &str) -> bool {
     }
     eprintln!("\n!!!!!!!! SKIPPED: {message} !!!!!!!!\n");
     false
+}
+
+/// Checks a `/metrics` body with the real `promtool check metrics` (skipped loudly without it on a
+/// laptop, a failure under CI).
+pub async fn promtool(text: &str) {
+    if !require_tool("/usr/bin/promtool", "prometheus") {
+        return;
+    }
+    let mut child = tokio::process::Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    let mut stdin = child.stdin.take().expect("a stdin");
+    stdin.write_all(text.as_bytes()).await.expect("written");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("promtool finishes");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused the output:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn init_tracing() {
