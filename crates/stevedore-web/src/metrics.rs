@@ -33,9 +33,9 @@
 //! recorder, so two servers in one process should not attach stores with the same queue names.
 //!
 //! Run durations are recorded by the host itself as each run ends
-//! ([`stevedore::RUN_DURATION_METRIC`]), one observation per run. The host takes its histogram
-//! handles from the recorder when it is built, which is why `build_web` installs the recorder before
-//! building the host; a host built before any recorder was installed records into nothing.
+//! ([`stevedore::RUN_DURATION_METRIC`]), one observation per run. Each service takes its histogram
+//! handle from the recorder at its first finished run, which is why `build_web` installs the
+//! recorder before building the host.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

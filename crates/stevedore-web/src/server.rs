@@ -191,8 +191,8 @@ impl WebServer {
     }
 
     /// Renders `/metrics` from a Prometheus recorder the application installed itself. Install it
-    /// before building the host, or run durations go unrecorded (the host takes its histogram
-    /// handles when it is built).
+    /// before the host starts, or early run durations go unrecorded (each service takes its
+    /// histogram handle at its first finished run).
     pub fn prometheus_handle(mut self, handle: PrometheusHandle) -> Self {
         self.metrics = MetricsSource::Given(handle);
         self
@@ -365,8 +365,8 @@ impl WebHostExt for HostBuilder {
         if let Some(runtime) = &background {
             self = self.background_runtime(runtime.handle().clone());
         }
-        // The recorder goes in before the host is built: the host takes its run-duration histogram
-        // handles from it then, so every run from the first one on is recorded.
+        // The recorder goes in before the host is built, so it is there for the first run of every
+        // service (each takes its run-duration histogram handle then).
         if matches!(web.metrics, MetricsSource::Global) {
             web.metrics = match crate::metrics::install_prometheus() {
                 Ok(handle) => MetricsSource::Given(handle),

@@ -173,7 +173,7 @@ impl HostBuilder {
         let container = self.registry.into_container();
         let lifetime = self.lifetime;
         // Every service is registered at the same moment: one clock read for all of them.
-        let now = std::time::SystemTime::now();
+        let now = (std::time::SystemTime::now(), Instant::now());
         // Stopping one by one, a background service after a background service hands the stop on
         // from its own task (see `ServiceContext::pass_stop_on`).
         let mut previous_background: Option<CancellationToken> = None;
