@@ -33,7 +33,7 @@ use crate::api::{ApiState, routes};
 use crate::config::{BusUrl, Config, DatabaseUrl, Role};
 use crate::consumer::{CONSUMER, on_employee_changed};
 use crate::db::{Database, Either, UnitOfWork};
-use crate::jobs::{GenerateReport, ScopeRoot, SyncEmployees, run_report_job, run_sync_job};
+use crate::jobs::{GenerateReport, SyncEmployees, run_report_job, run_sync_job};
 use crate::sync::sync_employees;
 use crate::upstream::Upstream;
 
@@ -91,18 +91,16 @@ pub async fn build(config: &Config) -> Result<Host, BoxError> {
         UnitOfWork::end,
     );
 
-    let root = ScopeRoot::default();
     let mut host = Host::builder()
         .services(services)
         .read_env(false) // the config already merged STEVEDORE_SHUTDOWN_* with flags and file
         .shutdown_timeout(config.shutdown_timeout)
         .shutdown_delay(config.shutdown_delay)
-        .stop_concurrently(true)
-        .add(ServiceSpec::hosted("scopes", root.clone()));
+        .stop_concurrently(true);
 
     if config.role != Role::Web {
         host = add_bus(host, config, &db)?;
-        host = host.add(worker(jobs.clone(), config, &db, &background, &root));
+        host = host.add(worker(jobs.clone(), config, &db, &background));
     }
     if config.role == Role::All {
         // The article's timed service: every period, first run at start, never overlapping, each run
@@ -128,22 +126,16 @@ pub async fn build(config: &Config) -> Result<Host, BoxError> {
     Ok(host.build_web(web)?)
 }
 
-fn worker<S: JobStore>(
-    store: S,
-    config: &Config,
-    db: &Database,
-    background: &BackgroundRuntime,
-    root: &ScopeRoot,
-) -> ServiceSpec {
+fn worker<S: JobStore>(store: S, config: &Config, db: &Database, background: &BackgroundRuntime) -> ServiceSpec {
     let worker_config = WorkerConfig {
         lease_ttl: config.job_lease_ttl,
         shutdown_timeout: config.drain_budget(),
         ..WorkerConfig::default()
     };
-    let (db, background, root) = (db.clone(), background.clone(), root.clone());
+    let (db, background) = (db.clone(), background.clone());
     let mut worker = Worker::new(store)
         .config(worker_config)
-        .register(move |job: SyncEmployees, ctx| run_sync_job(root.clone(), job, ctx))
+        .register(run_sync_job)
         .register(move |job: GenerateReport, ctx| run_report_job(db.clone(), background.clone(), job, ctx))
         .queue(<SyncEmployees as stevedore_jobs::Job>::QUEUE, 1)
         .queue(<GenerateReport as stevedore_jobs::Job>::QUEUE, config.report_concurrency);

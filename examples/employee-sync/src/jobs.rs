@@ -2,13 +2,9 @@
 //! report, run on the background runtime's blocking threads so requests never wait behind it.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
-use stevedore::handler::{Handler, RunResult, run_handler};
-use stevedore::{BoxError, HostedService, Scoped, ServiceContext, Singleton};
+use stevedore::{BoxError, Scoped, Singleton};
 use stevedore_jobs::{AnyStore, Job, JobContext, JobId, NewJob, PostgresStore, SqliteStore};
 use stevedore_web::isolation::BackgroundRuntime;
 
@@ -83,56 +79,15 @@ pub async fn enqueue_report(store: &AnyStore, db: &Database, rounds: u32) -> Res
     Ok((id, job_id))
 }
 
-/// Hands job handlers a service context to open scopes in: stevedore-jobs runs plain
-/// `Fn(J, JobContext)` handlers, so the sync job opens its scope from this service's context.
-#[derive(Debug, Clone, Default)]
-pub struct ScopeRoot(Arc<OnceLock<ServiceContext>>);
-
-impl ScopeRoot {
-    /// The context, once the host has started this service.
-    pub fn context(&self) -> Result<ServiceContext, BoxError> {
-        self.0.get().cloned().ok_or_else(|| "the scope root service has not started".into())
-    }
-}
-
-impl HostedService for ScopeRoot {
-    async fn start(&self, ctx: &ServiceContext) -> Result<(), BoxError> {
-        let _ = self.0.set(ctx.clone());
-        Ok(())
-    }
-
-    async fn stop(&self, _ctx: &ServiceContext) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
-/// Runs one sync job in a fresh scope: the same handler as the timer, the same transaction rules.
-/// A cancelled job (lease lost, timeout, stop) drops its scope, which rolls the transaction back.
-pub async fn run_sync_job(root: ScopeRoot, job: SyncEmployees, ctx: JobContext) -> Result<(), BoxError> {
-    let scope_ctx = root.context()?;
-    let trigger = job.trigger;
-    let handler = move |upstream: Singleton<Upstream>, uow: Scoped<UnitOfWork>| {
-        let trigger = trigger.clone();
-        async move { sync_employees(trigger, upstream, uow).await.map(|_| ()) }
-    };
-    let result = tokio::select! {
-        r = in_scope(scope_ctx, handler) => r,
-        _ = ctx.cancelled() => return Err("the sync job was cancelled (lease lost, timeout or stop)".into()),
-    };
-    if result.is_success() {
-        return Ok(());
-    }
-    Err(result.error.unwrap_or_else(|| format!("sync ended {}", result.outcome.as_str())).into())
-}
-
-/// Runs `handler` in a fresh scope of `ctx`. Generic on purpose: the future's `Send` is then proven
-/// from the `Handler` trait's bounds, which the compiler manages where it cannot for the concrete
-/// closure (a known higher-ranked lifetime limitation).
-fn in_scope<Args: 'static, H: Handler<Args>>(
-    ctx: ServiceContext,
-    handler: H,
-) -> Pin<Box<dyn Future<Output = RunResult> + Send>> {
-    Box::pin(async move { run_handler(&ctx, &handler, None).await })
+/// Runs one sync job: the same handler as the timer, the same transaction rules. The worker gives
+/// each job a fresh scope, so the unit of work commits when the job succeeds and rolls back when it
+/// fails, times out, loses its lease or is cut off by the stop.
+pub async fn run_sync_job(
+    job: SyncEmployees,
+    upstream: Singleton<Upstream>,
+    uow: Scoped<UnitOfWork>,
+) -> Result<(), BoxError> {
+    sync_employees(job.trigger, upstream, uow).await.map(|_| ())
 }
 
 /// Runs one report job: reads the employees, crunches on the background runtime's blocking
