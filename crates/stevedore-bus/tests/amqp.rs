@@ -145,21 +145,10 @@ async fn stop_drains_in_flight_and_returns_the_rest_to_the_queue() {
     let batch: Vec<_> = (0..10).map(|i| Message::new("jobs.run", format!("{i}"), "x")).collect();
     assert_eq!(publisher.publish_batch(&batch).await.confirmed, 10);
 
-    let started = Arc::new(AtomicU32::new(0));
-    let finished = Arc::new(AtomicU32::new(0));
-    let release = CancellationToken::new();
-    let (s, f, r) = (started.clone(), finished.clone(), release.clone());
+    let gate = Gate::default();
     let consumer = Arc::new(Consumer::new(
         AmqpSource::new(config, &queue, &["#"]),
-        move |_m: Message| {
-            let (s, f, r) = (s.clone(), f.clone(), r.clone());
-            async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                r.cancelled().await;
-                f.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), BoxError>(())
-            }
-        },
+        gate.handler(),
         ConsumerOptions { prefetch: 5, concurrency: 2, ..options() },
     ));
     let stop = CancellationToken::new();
@@ -167,18 +156,14 @@ async fn stop_drains_in_flight_and_returns_the_rest_to_the_queue() {
         let (c, s) = (consumer.clone(), stop.clone());
         async move { c.run(s).await }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while started.load(Ordering::SeqCst) < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.wait_started(2).await;
     stop.cancel();
     let mut health = consumer.health().subscribe();
     health.wait_for(|s| *s == Status::Draining).await.unwrap();
-    release.cancel();
+    gate.release();
     run.await.unwrap().unwrap();
-    assert_eq!(started.load(Ordering::SeqCst), 2, "nothing new was started after stop");
-    assert_eq!(finished.load(Ordering::SeqCst), 2, "in-flight handlers finished");
+    assert_eq!(gate.started(), 2, "nothing new was started after stop");
+    assert_eq!(gate.finished().len(), 2, "in-flight handlers finished");
     // The two finished were acked; the other eight (some prefetched) are back in the queue.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while amqp_count(&queue).await != 8 {

@@ -1,5 +1,7 @@
 //! The consumer engine, the outbox and the relay on the in-process transport and SQLite.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,6 +14,8 @@ use stevedore_bus::relay::{Relay, RelayOptions};
 use stevedore_bus::{Backoff, BatchOutcome, BoxError, Message, PublishError, Publisher, Status, idempotent};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use common::Gate;
 
 fn fast_options() -> ConsumerOptions {
     ConsumerOptions {
@@ -106,39 +110,23 @@ async fn drain_finishes_in_flight_and_leaves_the_rest_queued() {
     for i in 0..3 {
         bus.publish(&Message::new("jobs.run", format!("k{i}"), "x")).await.unwrap();
     }
-    let started = Arc::new(AtomicU32::new(0));
-    let finished = Arc::new(AtomicU32::new(0));
-    let release = CancellationToken::new();
-    let (s, f, r) = (started.clone(), finished.clone(), release.clone());
-    let consumer = Arc::new(Consumer::new(
-        queue.source(),
-        move |_m: Message| {
-            let (s, f, r) = (s.clone(), f.clone(), r.clone());
-            async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                r.cancelled().await;
-                f.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), BoxError>(())
-            }
-        },
-        ConsumerOptions { concurrency: 2, ..fast_options() },
-    ));
+    let gate = Gate::default();
+    let consumer =
+        Arc::new(Consumer::new(queue.source(), gate.handler(), ConsumerOptions { concurrency: 2, ..fast_options() }));
     let stop = CancellationToken::new();
     let run = tokio::spawn({
         let (c, s) = (consumer.clone(), stop.clone());
         async move { c.run(s).await }
     });
-    while started.load(Ordering::SeqCst) < 2 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gate.wait_started(2).await;
     stop.cancel();
     // The consumer stops taking: the third message is not started while the two finish.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(consumer.health().status(), Status::Draining);
-    release.cancel();
+    gate.release();
     run.await.unwrap().unwrap();
-    assert_eq!(finished.load(Ordering::SeqCst), 2);
-    assert_eq!(started.load(Ordering::SeqCst), 2);
+    assert_eq!(gate.finished().len(), 2);
+    assert_eq!(gate.started(), 2);
     assert_eq!(queue.len(), 1);
 }
 

@@ -169,21 +169,10 @@ async fn stop_drains_in_flight_and_the_rest_is_redelivered_later() {
     let batch: Vec<_> = (0..10).map(|i| Message::new(format!("{prefix}.jobs"), format!("{i}"), "x")).collect();
     assert_eq!(publisher.publish_batch(&batch).await.confirmed, 10);
 
-    let started = Arc::new(AtomicU32::new(0));
-    let finished = Arc::new(AtomicU32::new(0));
-    let release = CancellationToken::new();
-    let (s, f, r) = (started.clone(), finished.clone(), release.clone());
+    let gate = Gate::default();
     let consumer = Arc::new(Consumer::new(
         JetStreamSource::new(config.clone(), "worker", &format!("{prefix}.>")),
-        move |_m: Message| {
-            let (s, f, r) = (s.clone(), f.clone(), r.clone());
-            async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                r.cancelled().await;
-                f.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), BoxError>(())
-            }
-        },
+        gate.handler(),
         ConsumerOptions { prefetch: 5, concurrency: 2, ..options() },
     ));
     let stop = CancellationToken::new();
@@ -191,17 +180,13 @@ async fn stop_drains_in_flight_and_the_rest_is_redelivered_later() {
         let (c, s) = (consumer.clone(), stop.clone());
         async move { c.run(s).await }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while started.load(Ordering::SeqCst) < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.wait_started(2).await;
     stop.cancel();
     consumer.health().subscribe().wait_for(|s| *s == Status::Draining).await.unwrap();
-    release.cancel();
+    gate.release();
     run.await.unwrap().unwrap();
-    assert_eq!(started.load(Ordering::SeqCst), 2);
-    assert_eq!(finished.load(Ordering::SeqCst), 2);
+    assert_eq!(gate.started(), 2);
+    assert_eq!(gate.finished().len(), 2);
 
     // A new consumer on the same durable gets exactly the eight that were not done.
     let seen = Seen::default();
@@ -226,21 +211,10 @@ async fn stop_drains_in_flight_and_the_rest_is_redelivered_later() {
 /// Runs a consumer whose handler blocks until released, stops it once one message is in
 /// flight, then releases the handler; returns the ids it handled.
 async fn run_one_and_stop(config: &NatsConfig, prefix: &str, max_attempts: u32) -> Vec<uuid::Uuid> {
-    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let started = Arc::new(AtomicU32::new(0));
-    let release = CancellationToken::new();
-    let (h, s, r) = (handled.clone(), started.clone(), release.clone());
+    let gate = Gate::default();
     let consumer = Arc::new(Consumer::new(
         JetStreamSource::new(config.clone(), "worker", &format!("{prefix}.>")),
-        move |m: Message| {
-            let (h, s, r) = (h.clone(), s.clone(), r.clone());
-            async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                r.cancelled().await;
-                h.lock().unwrap().push(m.id);
-                Ok::<(), BoxError>(())
-            }
-        },
+        gate.handler(),
         ConsumerOptions { prefetch: 5, concurrency: 1, max_attempts, ..options() },
     ));
     let stop = CancellationToken::new();
@@ -248,18 +222,14 @@ async fn run_one_and_stop(config: &NatsConfig, prefix: &str, max_attempts: u32) 
         let (c, s) = (consumer.clone(), stop.clone());
         async move { c.run(s).await }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while started.load(Ordering::SeqCst) < 1 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.wait_started(1).await;
     // Let the rest of the pull arrive before stopping.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
     consumer.health().subscribe().wait_for(|s| *s == Status::Draining).await.unwrap();
-    release.cancel();
+    gate.release();
     run.await.unwrap().unwrap();
-    handled.lock().unwrap().clone()
+    gate.finished()
 }
 
 #[tokio::test]

@@ -2,12 +2,16 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use stevedore_bus::{BoxError, Message};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// A short unique suffix for exchange, queue, stream and schema names.
@@ -146,4 +150,51 @@ pub async fn nats_cleanup(stream: &str) {
     let config = stevedore_bus::nats::NatsConfig::new(stevedore_testkit::nats_url(), stream, &[]);
     stevedore_bus::nats::delete_streams(&config).await.expect("delete the test streams");
     stevedore_bus::nats::delete_streams(&config).await.expect("deleting again is not an error");
+}
+
+/// A handler that holds every message it starts until [`release`](Gate::release), for tests of
+/// what a stop does to work in flight: it counts the starts and keeps the ids it finished.
+#[derive(Clone, Default)]
+pub struct Gate {
+    started: Arc<AtomicU32>,
+    finished: Arc<Mutex<Vec<Uuid>>>,
+    release: CancellationToken,
+}
+
+type Handled = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+impl Gate {
+    pub fn handler(&self) -> impl Fn(Message) -> Handled + Clone + Send + Sync + 'static {
+        let gate = self.clone();
+        move |m: Message| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                gate.started.fetch_add(1, Ordering::SeqCst);
+                gate.release.cancelled().await;
+                gate.finished.lock().unwrap().push(m.id);
+                Ok(())
+            })
+        }
+    }
+
+    /// Waits (20 s at most, on tokio's clock) until `n` messages have started.
+    pub async fn wait_started(&self, n: u32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.started() < n {
+            assert!(tokio::time::Instant::now() < deadline, "{n} handlers did not start within 20 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn release(&self) {
+        self.release.cancel();
+    }
+
+    pub fn started(&self) -> u32 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    pub fn finished(&self) -> Vec<Uuid> {
+        self.finished.lock().unwrap().clone()
+    }
 }
