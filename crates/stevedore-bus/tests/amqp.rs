@@ -138,12 +138,7 @@ async fn stop_drains_in_flight_and_returns_the_rest_to_the_queue() {
     if !stevedore_testkit::require(stevedore_testkit::RABBITMQ) {
         return;
     }
-    let exchange = unique("stv_x");
-    let queue = unique("stv_q");
-    let config = AmqpConfig::new(stevedore_testkit::amqp_url(), &exchange);
-    let publisher = AmqpPublisher::new(config.clone()).with_queue(&queue, &["#"]);
-    let batch: Vec<_> = (0..10).map(|i| Message::new("jobs.run", format!("{i}"), "x")).collect();
-    assert_eq!(publisher.publish_batch(&batch).await.confirmed, 10);
+    let (exchange, queue, config) = queue_with_jobs(10).await;
 
     let gate = Gate::default();
     let consumer = Arc::new(Consumer::new(
@@ -178,12 +173,7 @@ async fn hosted_drain_gives_messages_back_before_the_hosts_deadline() {
     if !stevedore_testkit::require(stevedore_testkit::RABBITMQ) {
         return;
     }
-    let exchange = unique("stv_x");
-    let queue = unique("stv_q");
-    let config = AmqpConfig::new(stevedore_testkit::amqp_url(), &exchange);
-    let publisher = AmqpPublisher::new(config.clone()).with_queue(&queue, &["#"]);
-    let batch: Vec<_> = (0..3).map(|i| Message::new("jobs.run", format!("{i}"), "x")).collect();
-    assert_eq!(publisher.publish_batch(&batch).await.confirmed, 3);
+    let (exchange, queue, config) = queue_with_jobs(3).await;
 
     let started = Arc::new(tokio::sync::Notify::new());
     let s = started.clone();
@@ -227,4 +217,15 @@ async fn hosted_drain_gives_messages_back_before_the_hosts_deadline() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     amqp_cleanup(&exchange, &[&queue]).await;
+}
+
+/// A fresh exchange and queue (bound to every key) holding `n` confirmed `jobs.run` messages.
+async fn queue_with_jobs(n: usize) -> (String, String, AmqpConfig) {
+    let exchange = unique("stv_x");
+    let queue = unique("stv_q");
+    let config = AmqpConfig::new(stevedore_testkit::amqp_url(), &exchange);
+    let publisher = AmqpPublisher::new(config.clone()).with_queue(&queue, &["#"]);
+    let batch: Vec<_> = (0..n).map(|i| Message::new("jobs.run", format!("{i}"), "x")).collect();
+    assert_eq!(publisher.publish_batch(&batch).await.confirmed, n);
+    (exchange, queue, config)
 }
