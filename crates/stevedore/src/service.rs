@@ -127,7 +127,7 @@ impl ServiceContext {
         status: StatusHandle,
         container: Arc<Container>,
     ) -> Self {
-        ServiceContext { inner: Arc::new(ContextInner { token, lifetime, status, container, stop_next: None }) }
+        Self::chained(token, lifetime, status, container, None)
     }
 
     /// As [`new`](Self::new), for a background service whose stop hands on to `stop_next`.

@@ -222,12 +222,6 @@ struct Record {
     last_start: Option<Instant>,
 }
 
-impl Record {
-    fn runs(&mut self) -> &mut RunStats {
-        &mut self.runs
-    }
-}
-
 pub(crate) struct Slot {
     name: String,
     kind: &'static str,
@@ -316,7 +310,8 @@ pub struct RunTicket {
 }
 
 impl StatusHandle {
-    /// `now` is when the service was registered: the host reads the clock once for all of them.
+    /// `(wall, now)` is when the service was registered, on the wall clock and the host's clock:
+    /// the host reads them once for all of its services.
     pub(crate) fn new(
         name: String,
         kind: &'static str,
@@ -373,7 +368,7 @@ impl StatusHandle {
     pub fn run_started(&self) -> RunTicket {
         let now = Instant::now();
         let mut r = self.slot.record();
-        let runs = r.runs();
+        let runs = &mut r.runs;
         runs.started += 1;
         runs.in_flight += 1;
         if self.slot.heartbeat_interval.is_some() {
@@ -392,7 +387,7 @@ impl StatusHandle {
             r.last_beat = Some(now);
         }
         let duration = now.saturating_duration_since(ticket.started);
-        let runs = r.runs();
+        let runs = &mut r.runs;
         runs.in_flight = runs.in_flight.saturating_sub(1);
         runs.last_duration = Some(duration);
         runs.last_outcome = Some(outcome);
@@ -413,13 +408,13 @@ impl StatusHandle {
 
     /// Records a tick skipped because a run was still going.
     pub fn run_skipped(&self) {
-        self.slot.record().runs().skipped += 1;
+        self.slot.record().runs.skipped += 1;
     }
 
     /// Records when the next run is due.
     pub fn set_next_run(&self, next: Option<SystemTime>) {
         self.slot.next_due.store(0, Ordering::Relaxed);
-        self.slot.record().runs().next_run = next;
+        self.slot.record().runs.next_run = next;
     }
 
     /// Records when the next run is due on the host's clock: no lock and no wall-clock read, for
