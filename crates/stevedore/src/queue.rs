@@ -39,6 +39,11 @@
 //!   `tokio::task::spawn_blocking`.
 //! - **Failures.** A task's error, timeout or panic is contained: logged, counted (`queue.failed`,
 //!   `runs.failed`) and recorded as the last run error; the queue goes on.
+//! - **Status.** Each task is one run in the status view. A sequential queue busy with quick tasks
+//!   publishes its runs and [counts](TaskQueue::counts) in bulk: every 1,024 tasks or 5 ms, and
+//!   whenever it waits for work. So both lag a busy queue by at most that, and are exact once it is
+//!   idle; a task that has to wait (for I/O, say) shows in flight at once. This is what lets a
+//!   sequential queue keep up with a bare channel loop (`BENCHMARKS.md`).
 //! - **Pause.** [`TaskQueue::pause`] (also the dashboard's) stops taking tasks; the ones running
 //!   finish. [`TaskQueue::resume`] goes on.
 //! - **Stop.** When the host stops, the queue closes to new tasks at once. The tasks running finish
@@ -71,7 +76,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::BoxError;
 use crate::handler::{PayloadHandler, run_payload_handler};
-use crate::runs::recorded;
+use crate::runs::{SequentialRuns, recorded};
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
 use crate::status::{QueueStats, RunOutcome, ServiceControl};
 
@@ -166,12 +171,68 @@ struct Shared<T> {
     stopping: AtomicBool,
     changed: Notify,
     enqueued: AtomicU64,
-    succeeded: AtomicU64,
-    failed: AtomicU64,
+    done: DoneCounts,
     handed_back: AtomicU64,
-    in_flight: AtomicU64,
     unprocessed: Mutex<Vec<T>>,
     on_unprocessed: Mutex<Option<Unprocessed<T>>>,
+}
+
+/// What the queue's own task counts as tasks run, on a cache line of its own: producers write
+/// `enqueued` beside the channel at every enqueue, and sharing a line with them costs both sides.
+#[derive(Default)]
+#[repr(align(128))]
+struct DoneCounts {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+impl DoneCounts {
+    fn add(&self, outcome: RunOutcome) {
+        let counter = if outcome == RunOutcome::Succeeded { &self.succeeded } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a task in flight until the guard is dropped.
+    fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+}
+
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Outcomes a sequential queue has counted and not yet added to [`DoneCounts`]: it adds them when
+/// it publishes its runs, not at every task.
+#[derive(Default)]
+struct Unpublished {
+    succeeded: u64,
+    failed: u64,
+}
+
+impl Unpublished {
+    fn add(&mut self, outcome: RunOutcome) {
+        if outcome == RunOutcome::Succeeded {
+            self.succeeded += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+
+    fn publish(&mut self, done: &DoneCounts) {
+        if self.succeeded > 0 {
+            done.succeeded.fetch_add(std::mem::take(&mut self.succeeded), Ordering::Relaxed);
+        }
+        if self.failed > 0 {
+            done.failed.fetch_add(std::mem::take(&mut self.failed), Ordering::Relaxed);
+        }
+    }
 }
 
 impl<T> Shared<T> {
@@ -182,8 +243,8 @@ impl<T> Shared<T> {
     fn stats(&self) -> QueueStats {
         QueueStats {
             depth: self.depth(),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
+            in_flight: self.done.in_flight.load(Ordering::Relaxed),
+            failed: self.done.failed.load(Ordering::Relaxed),
             paused: self.paused.load(Ordering::Relaxed),
         }
     }
@@ -299,11 +360,11 @@ impl<T> TaskQueue<T> {
         let s = &self.shared;
         QueueCounts {
             enqueued: s.enqueued.load(Ordering::Relaxed),
-            succeeded: s.succeeded.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
+            succeeded: s.done.succeeded.load(Ordering::Relaxed),
+            failed: s.done.failed.load(Ordering::Relaxed),
             handed_back: s.handed_back.load(Ordering::Relaxed),
             depth: s.depth(),
-            in_flight: s.in_flight.load(Ordering::Relaxed),
+            in_flight: s.done.in_flight.load(Ordering::Relaxed),
         }
     }
 }
@@ -472,10 +533,8 @@ where
             stopping: AtomicBool::new(false),
             changed: Notify::new(),
             enqueued: AtomicU64::new(0),
-            succeeded: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
+            done: DoneCounts::default(),
             handed_back: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
             unprocessed: Mutex::new(Vec::new()),
             on_unprocessed: Mutex::new(self.on_unprocessed),
         });
@@ -532,16 +591,33 @@ where
     H: PayloadHandler<T, Args>,
     Args: 'static,
 {
+    /// Runs one task among others at once (or during the stop's drain).
     async fn process(&self, ctx: &ServiceContext, task: T) {
-        let s = &self.shared;
-        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        let done = &self.shared.done;
+        let in_flight = done.in_flight();
         let outcome = recorded(ctx, "task", run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {})).await;
-        s.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if outcome == RunOutcome::Succeeded {
-            s.succeeded.fetch_add(1, Ordering::Relaxed);
-        } else {
-            s.failed.fetch_add(1, Ordering::Relaxed);
-        }
+        drop(in_flight);
+        done.add(outcome);
+    }
+
+    /// Runs one task of a sequential queue, its run and outcome tallied for publishing later. A
+    /// task that has to wait publishes the tally first, and counts as in flight until it ends.
+    async fn process_in_turn(
+        &self,
+        ctx: &ServiceContext,
+        runs: &mut SequentialRuns<'_>,
+        unpublished: &mut Unpublished,
+        task: T,
+    ) {
+        let done = &self.shared.done;
+        let work = run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {});
+        let outcome = runs
+            .run("task", work, || {
+                unpublished.publish(done);
+                done.in_flight()
+            })
+            .await;
+        unpublished.add(outcome);
     }
 
     /// When a draining queue may no longer start a task.
@@ -604,10 +680,15 @@ where
         // Taken from the channel in a batch, not started yet; they go first, and back at the stop.
         let mut pending: VecDeque<T> = VecDeque::new();
         let mut batch = Vec::with_capacity(BATCH);
+        // A sequential queue's runs and outcomes, published in bulk (see `SequentialRuns`).
+        let mut runs = SequentialRuns::new(&ctx);
+        let mut unpublished = Unpublished::default();
         ctx.status().set_queue(s.stats());
         // Taking and running tasks until the stop. While work is at hand the loop runs without
         // awaiting anything but the tasks (flags are plain loads); it registers for wake-ups only
-        // when it has to wait, so a busy queue pays no waiter bookkeeping per task.
+        // when it has to wait, so a busy queue pays no waiter bookkeeping per task. It takes tasks
+        // from the channel in batches: the channel then frees their room with one lock, not one per
+        // task, which is most of what a producer and a quick consumer contend for.
         'taking: loop {
             let mut since_publish = 0u32;
             loop {
@@ -625,22 +706,32 @@ where
                 }
                 let task = match pending.pop_front() {
                     Some(task) => task,
-                    None => match rx.try_recv() {
-                        Ok(task) => task,
-                        Err(_) => break,
+                    None => match rx.recv_many(&mut batch, BATCH).now_or_never() {
+                        Some(n) if n > 0 => {
+                            pending.extend(batch.drain(..));
+                            continue;
+                        }
+                        _ => break,
                     },
                 };
                 if limit == 1 {
-                    self.process(&ctx, task).await;
+                    self.process_in_turn(&ctx, &mut runs, &mut unpublished, task).await;
+                    if runs.publish_due() {
+                        runs.publish();
+                        unpublished.publish(&s.done);
+                        ctx.status().set_queue(s.stats());
+                    }
                 } else {
                     running.push(self.process(&ctx, task));
-                }
-                since_publish += 1;
-                if since_publish >= PUBLISH_EVERY {
-                    since_publish = 0;
-                    ctx.status().set_queue(s.stats());
+                    since_publish += 1;
+                    if since_publish >= PUBLISH_EVERY {
+                        since_publish = 0;
+                        ctx.status().set_queue(s.stats());
+                    }
                 }
             }
+            runs.idle();
+            unpublished.publish(&s.done);
             ctx.status().set_queue(s.stats());
             let paused = s.paused.load(Ordering::Acquire);
             tokio::select! {
@@ -657,6 +748,8 @@ where
             }
         }
         // The stop: no new tasks; drain by policy while there is time; hand back the rest.
+        runs.idle();
+        unpublished.publish(&s.done);
         rx.close();
         let mut rest = Vec::new();
         let mut rx_pending = pending;

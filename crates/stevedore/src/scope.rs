@@ -31,6 +31,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{BoxError, BuildError};
@@ -319,7 +320,8 @@ impl Container {
 
     /// Makes every singleton now, so a failing factory fails the start, naming the type.
     pub(crate) async fn init_singletons(self: &Arc<Self>, ctx: &ServiceContext) -> Result<(), (String, String)> {
-        let scope = Scope::new(ctx.clone(), self.clone());
+        let scope = ctx.create_scope();
+        debug_assert!(Arc::ptr_eq(scope.container(), self), "singletons are made in their own host's scope");
         for id in &self.order {
             let reg = &self.regs[id];
             if reg.lifetime == Lifetime::Singleton {
@@ -337,7 +339,7 @@ fn not_registered<T>() -> BoxError {
 }
 
 async fn resolve_singleton_erased(scope: &Scope, id: TypeId) -> Result<Shared, BoxError> {
-    let container = scope.container.clone();
+    let container = scope.container().clone();
     let (Some(reg), Some(cell)) = (container.regs.get(&id), container.singletons.get(&id)) else {
         return Err("not registered as a singleton".into());
     };
@@ -361,9 +363,12 @@ async fn resolve_singleton_erased(scope: &Scope, id: TypeId) -> Result<Shared, B
 /// # Ok(()) }
 /// ```
 pub struct Scope {
+    /// The registry is reached through the context: one reference count per scope, not two, which
+    /// a queue of quick tasks feels.
     ctx: ServiceContext,
-    container: Arc<Container>,
     values: Mutex<Vec<(TypeId, Shared)>>,
+    /// Set once a scoped value is made: a run that made none skips its close without a lock.
+    made_scoped: AtomicBool,
     extensions: Mutex<Vec<Box<dyn Any + Send + Sync>>>,
 }
 
@@ -374,8 +379,17 @@ impl std::fmt::Debug for Scope {
 }
 
 impl Scope {
-    pub(crate) fn new(ctx: ServiceContext, container: Arc<Container>) -> Self {
-        Scope { ctx, container, values: Mutex::new(Vec::new()), extensions: Mutex::new(Vec::new()) }
+    pub(crate) fn new(ctx: ServiceContext) -> Self {
+        Scope {
+            ctx,
+            values: Mutex::new(Vec::new()),
+            made_scoped: AtomicBool::new(false),
+            extensions: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn container(&self) -> &Arc<Container> {
+        self.ctx.container()
     }
 
     /// The context of the service this scope runs in.
@@ -404,7 +418,7 @@ impl Scope {
 
     pub(crate) async fn singleton<T: Send + Sync + 'static>(&self) -> Result<Arc<T>, BoxError> {
         let id = TypeId::of::<T>();
-        if !self.container.singletons.contains_key(&id) {
+        if !self.container().singletons.contains_key(&id) {
             return Err(not_registered::<T>());
         }
         let erased = resolve_singleton_erased(self, id).await?;
@@ -416,8 +430,12 @@ impl Scope {
         if let Some(existing) = self.find_scoped(id) {
             return existing.downcast::<tokio::sync::Mutex<T>>().map_err(|_| not_registered::<T>());
         }
-        let reg =
-            self.container.regs.get(&id).filter(|r| r.lifetime == Lifetime::Scoped).ok_or_else(not_registered::<T>)?;
+        let reg = self
+            .container()
+            .regs
+            .get(&id)
+            .filter(|r| r.lifetime == Lifetime::Scoped)
+            .ok_or_else(not_registered::<T>)?;
         let made = (reg.make)(self).await?;
         let value = (made as Box<dyn Any>).downcast::<T>().map_err(|_| not_registered::<T>())?;
         let shared = Arc::new(tokio::sync::Mutex::new(*value));
@@ -427,12 +445,13 @@ impl Scope {
             return existing.clone().downcast::<tokio::sync::Mutex<T>>().map_err(|_| not_registered::<T>());
         }
         values.push((id, shared.clone()));
+        self.made_scoped.store(true, Ordering::Release);
         Ok(shared)
     }
 
     pub(crate) async fn transient<T: Send + Sync + 'static>(&self) -> Result<T, BoxError> {
         let reg = self
-            .container
+            .container()
             .regs
             .get(&TypeId::of::<T>())
             .filter(|r| r.lifetime == Lifetime::Transient)
@@ -449,7 +468,7 @@ impl Scope {
     /// True when no scoped value was made, so closing has nothing to end: the common case of a
     /// run without scoped dependencies skips building the close future altogether.
     pub(crate) fn nothing_to_end(&self) -> bool {
-        self.values.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        !self.made_scoped.load(Ordering::Acquire)
     }
 
     /// Ends the scope: scoped values are ended in reverse order of creation, each end hook seeing
@@ -458,7 +477,7 @@ impl Scope {
         let values = std::mem::take(&mut *self.values.lock().unwrap_or_else(|p| p.into_inner()));
         let mut errors = Vec::new();
         for (id, value) in values.into_iter().rev() {
-            let Some(reg) = self.container.regs.get(&id) else { continue };
+            let Some(reg) = self.container().regs.get(&id) else { continue };
             let Some(end) = &reg.end else { continue };
             match (reg.take_scoped)(value) {
                 Some(inner) => {

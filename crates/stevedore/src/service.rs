@@ -165,7 +165,7 @@ impl ServiceContext {
 
     /// A fresh scope for one unit of work, for custom loops; close it with [`Scope::close`].
     pub fn create_scope(&self) -> Scope {
-        Scope::new(self.clone(), self.inner.container.clone())
+        Scope::new(self.clone())
     }
 
     pub(crate) fn container(&self) -> &Arc<Container> {

@@ -309,6 +309,46 @@ pub struct RunTicket {
     started: Instant,
 }
 
+/// Runs that ended and that the status view has not heard of yet: a busy sequential loop tallies
+/// its quick runs here and [publishes](StatusHandle::publish) them together, one lock for many runs.
+#[derive(Debug, Default)]
+pub(crate) struct RunTally {
+    succeeded: u64,
+    failed: u64,
+    cancelled: u64,
+    /// The last run tallied; `None` when the tally is empty.
+    last: Option<TalliedRun>,
+    /// The error of the last failed run tallied (`Some(None)`: it failed without a message).
+    last_run_error: Option<Option<String>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TalliedRun {
+    start: Instant,
+    duration: Duration,
+    outcome: RunOutcome,
+}
+
+impl RunTally {
+    /// Adds a run that started at `start` and ended at `end`.
+    pub(crate) fn add(&mut self, start: Instant, end: Instant, outcome: RunOutcome, error: Option<String>) {
+        match outcome {
+            RunOutcome::Succeeded => self.succeeded += 1,
+            RunOutcome::Cancelled => self.cancelled += 1,
+            RunOutcome::Failed | RunOutcome::TimedOut => {
+                self.failed += 1;
+                self.last_run_error = Some(error);
+            }
+        }
+        self.last = Some(TalliedRun { start, duration: end.saturating_duration_since(start), outcome });
+    }
+
+    /// How many runs wait to be published.
+    pub(crate) fn len(&self) -> u64 {
+        self.succeeded + self.failed + self.cancelled
+    }
+}
+
 impl StatusHandle {
     /// `(wall, now)` is when the service was registered, on the wall clock and the host's clock:
     /// the host reads them once for all of its services.
@@ -366,7 +406,11 @@ impl StatusHandle {
 
     /// Records the start of a run.
     pub fn run_started(&self) -> RunTicket {
-        let now = Instant::now();
+        self.run_started_at(Instant::now())
+    }
+
+    /// Records the start of a run that began at `now` (a clock reading the caller already has).
+    pub(crate) fn run_started_at(&self, now: Instant) -> RunTicket {
         let mut r = self.slot.record();
         let runs = &mut r.runs;
         runs.started += 1;
@@ -382,11 +426,11 @@ impl StatusHandle {
     /// duration also goes to the [`RUN_DURATION_METRIC`] histogram.
     pub fn run_finished(&self, ticket: RunTicket, outcome: RunOutcome, error: Option<String>) {
         let now = Instant::now();
+        let duration = now.saturating_duration_since(ticket.started);
         let mut r = self.slot.record();
         if self.slot.heartbeat_interval.is_some() {
             r.last_beat = Some(now);
         }
-        let duration = now.saturating_duration_since(ticket.started);
         let runs = &mut r.runs;
         runs.in_flight = runs.in_flight.saturating_sub(1);
         runs.last_duration = Some(duration);
@@ -400,10 +444,35 @@ impl StatusHandle {
             }
         }
         drop(r);
+        self.record_duration(duration);
+    }
+
+    /// Puts one run's duration in the [`RUN_DURATION_METRIC`] histogram.
+    pub(crate) fn record_duration(&self, duration: Duration) {
         let name = &self.slot.name;
         let histogram =
             self.slot.run_duration.get_or_init(|| metrics::histogram!(RUN_DURATION_METRIC, "service" => name.clone()));
         histogram.record(duration.as_secs_f64());
+    }
+
+    /// Publishes the runs tallied since the last call, under one lock, and empties the tally.
+    pub(crate) fn publish(&self, tally: &mut RunTally) {
+        let Some(last) = tally.last.take() else { return };
+        let mut r = self.slot.record();
+        if self.slot.heartbeat_interval.is_some() {
+            r.last_beat = Some(last.start + last.duration);
+        }
+        r.last_start = Some(last.start);
+        let runs = &mut r.runs;
+        runs.started += tally.succeeded + tally.failed + tally.cancelled;
+        runs.succeeded += tally.succeeded;
+        runs.failed += tally.failed;
+        runs.last_duration = Some(last.duration);
+        runs.last_outcome = Some(last.outcome);
+        if let Some(error) = tally.last_run_error.take() {
+            runs.last_run_error = error;
+        }
+        (tally.succeeded, tally.failed, tally.cancelled) = (0, 0, 0);
     }
 
     /// Records a tick skipped because a run was still going.

@@ -286,3 +286,84 @@ async fn zero_capacity_or_concurrency_fails_the_build_naming_the_queue() {
     let (_, spec) = TaskQueue::builder("mail", noop).concurrency(0).build();
     assert!(builder().add(spec).build().unwrap_err().to_string().contains("concurrency of zero"));
 }
+
+/// Polls `check` on the paused clock (each step lets the queue's task run) until it holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sequential_queue_of_quick_tasks_publishes_every_run_once_it_is_idle() {
+    // Tasks that end at their first poll are tallied and published together; once the queue has
+    // nothing left to do, the status view and the counts hold every run, failures included.
+    let handler = |n: u32| async move {
+        match n {
+            7 => Err::<(), BoxError>("seven is refused".into()),
+            13 => panic!("thirteen blew up"),
+            _ => Ok(()),
+        }
+    };
+    let (queue, service) = TaskQueue::builder("q", handler).capacity(2000).build();
+    let host = builder().add(service).build().unwrap();
+    let (status, lifetime) = (host.status(), host.lifetime());
+    let run = tokio::spawn(host.run());
+    lifetime.started().await;
+    let before = Instant::now();
+    for n in 0..1500 {
+        queue.enqueue(n).await.unwrap();
+    }
+    eventually("all 1500 tasks counted", || queue.counts().succeeded + queue.counts().failed == 1500).await;
+    let s = status.service("q").unwrap();
+    assert_eq!((s.runs.started, s.runs.succeeded, s.runs.failed, s.runs.in_flight), (1500, 1498, 2, 0));
+    assert_eq!(s.runs.last_outcome, Some(RunOutcome::Succeeded));
+    assert!(s.runs.last_run_error.as_deref().unwrap().contains("thirteen blew up"), "{:?}", s.runs.last_run_error);
+    assert_eq!(s.runs.last_duration, Some(Duration::ZERO), "quick tasks take no time on the paused clock");
+    assert!(s.runs.last_started.is_some());
+    let counts = queue.counts();
+    assert_eq!((counts.enqueued, counts.succeeded, counts.failed, counts.in_flight), (1500, 1498, 2, 0));
+    assert_eq!(s.queue.unwrap().failed, 2);
+    assert!(Instant::now() - before < secs(1));
+    lifetime.request_stop();
+    assert!(run.await.unwrap().is_clean());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sequential_task_that_waits_is_shown_in_flight_with_the_quick_ones_before_it() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let opened = gate.clone();
+    let handler = move |n: u32| {
+        let gate = opened.clone();
+        async move {
+            if n == 3 {
+                let _ = gate.acquire().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok::<_, BoxError>(())
+        }
+    };
+    let (queue, service) = TaskQueue::builder("q", handler).build();
+    let host = builder().add(service).build().unwrap();
+    let (status, lifetime) = (host.status(), host.lifetime());
+    let run = tokio::spawn(host.run());
+    lifetime.started().await;
+    for n in 0..5 {
+        queue.enqueue(n).await.unwrap();
+    }
+    eventually("task 3 in flight", || queue.counts().in_flight == 1).await;
+    let s = status.service("q").unwrap();
+    assert_eq!((s.runs.started, s.runs.succeeded, s.runs.in_flight), (4, 3, 1), "0, 1, 2 done; 3 running");
+    assert_eq!(queue.counts().succeeded, 3);
+    gate.add_permits(1);
+    eventually("all 5 done", || queue.counts().succeeded == 5).await;
+    let s = status.service("q").unwrap();
+    assert_eq!((s.runs.started, s.runs.succeeded, s.runs.in_flight), (5, 5, 0));
+    assert_eq!(queue.counts().in_flight, 0);
+    lifetime.request_stop();
+    assert!(run.await.unwrap().is_clean());
+}
