@@ -211,26 +211,6 @@ impl RunResult {
     }
 }
 
-/// Runs `work` with an optional timeout and turns its result into an outcome.
-async fn run_with_timeout<Fut>(timeout: Option<Duration>, work: Fut) -> (RunOutcome, Option<String>)
-where
-    Fut: Future<Output = Result<(), BoxError>> + Send,
-{
-    let result = match timeout {
-        // Boxed: a timer is dearer than the allocation, and unboxed the timer's state would grow the
-        // future of every run, timed or not, which is moved at each layer.
-        Some(limit) => match Box::pin(tokio::time::timeout(limit, work)).await {
-            Ok(r) => r.map_err(|e| error_chain(e.as_ref())),
-            Err(_) => return (RunOutcome::TimedOut, Some(format!("run exceeded its timeout of {limit:?}"))),
-        },
-        None => work.await.map_err(|e| error_chain(e.as_ref())),
-    };
-    match result {
-        Ok(()) => (RunOutcome::Succeeded, None),
-        Err(e) => (RunOutcome::Failed, Some(e)),
-    }
-}
-
 /// Runs a handler in a fresh scope of `ctx`, with an optional timeout, and ends the scope with the
 /// outcome. Panics are caught and reported as failures.
 pub async fn run_handler<Args, H: Handler<Args>>(
@@ -266,14 +246,42 @@ pub async fn run_payload_handler<T, Args, H: PayloadHandler<T, Args>>(
     Box::pin(finish(scope, outcome, error)).await
 }
 
-/// Runs `work` with a timeout, catching panics as failures.
+/// Runs `work` with an optional timeout, catching panics as failures, and turns its result into an
+/// outcome. One layer, polled inside `catch_unwind` itself: a quick task feels every async layer
+/// it goes through.
 async fn run_caught<Fut>(timeout: Option<Duration>, work: Fut) -> (RunOutcome, Option<String>)
 where
     Fut: Future<Output = Result<(), BoxError>> + Send,
 {
-    use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(run_with_timeout(timeout, work)).catch_unwind().await {
-        Ok(r) => r,
+    let result = match timeout {
+        None => {
+            let mut work = std::pin::pin!(work);
+            std::future::poll_fn(|cx| {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+                    Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+                    Ok(std::task::Poll::Ready(result)) => std::task::Poll::Ready(Ok(result)),
+                    Err(panic) => std::task::Poll::Ready(Err(panic)),
+                }
+            })
+            .await
+        }
+        // Boxed: a timer is dearer than the allocation, and unboxed the timer's state would grow the
+        // future of every run, timed or not.
+        Some(limit) => {
+            use futures_util::FutureExt;
+            let timed = Box::pin(std::panic::AssertUnwindSafe(tokio::time::timeout(limit, work)).catch_unwind());
+            match timed.await {
+                Ok(Ok(result)) => Ok(result),
+                Ok(Err(_elapsed)) => {
+                    return (RunOutcome::TimedOut, Some(format!("run exceeded its timeout of {limit:?}")));
+                }
+                Err(panic) => Err(panic),
+            }
+        }
+    };
+    match result {
+        Ok(Ok(())) => (RunOutcome::Succeeded, None),
+        Ok(Err(e)) => (RunOutcome::Failed, Some(error_chain(e.as_ref()))),
         Err(panic) => (RunOutcome::Failed, Some(format!("panicked: {}", crate::host::panic_message(panic.as_ref())))),
     }
 }

@@ -42,8 +42,10 @@
 //! - **Status.** Each task is one run in the status view. A sequential queue busy with quick tasks
 //!   publishes its runs and [counts](TaskQueue::counts) in bulk: every 1,024 tasks or 5 ms, and
 //!   whenever it waits for work. So both lag a busy queue by at most that, and are exact once it is
-//!   idle; a task that has to wait (for I/O, say) shows in flight at once. This is what lets a
-//!   sequential queue keep up with a bare channel loop (`BENCHMARKS.md`).
+//!   idle; a task that has to wait (for I/O, say) shows in flight at once. Tasks that end without
+//!   waiting are timed on the CPU's time-stamp counter (through `quanta`), a third of the cost of a
+//!   monotonic clock reading; under tokio's paused clock they show their real, tiny, duration.
+//!   This is what lets a sequential queue keep up with a bare channel loop (`BENCHMARKS.md`).
 //! - **Pause.** [`TaskQueue::pause`] (also the dashboard's) stops taking tasks; the ones running
 //!   finish. [`TaskQueue::resume`] goes on.
 //! - **Stop.** When the host stops, the queue closes to new tasks at once. The tasks running finish
@@ -524,6 +526,11 @@ where
         if self.concurrency == 0 {
             problem = Some("queue concurrency of zero: give at least 1".to_string());
         }
+        if self.concurrency == 1 {
+            // A sequential queue times its quick runs on the CPU's counter, whose first reading
+            // calibrates it (about half a millisecond): here, at build, not in the first task.
+            let _ = quanta::Instant::now();
+        }
         let (tx, rx) = mpsc::channel(self.capacity.max(1));
         let shared = Arc::new(Shared {
             name: self.name.clone(),
@@ -610,7 +617,7 @@ where
         task: T,
     ) {
         let done = &self.shared.done;
-        let work = run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {});
+        let work = || run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {});
         let outcome = runs
             .run("task", work, || {
                 unpublished.publish(done);

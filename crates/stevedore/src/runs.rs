@@ -65,10 +65,17 @@ pub(crate) struct SequentialRuns<'a> {
     ctx: &'a ServiceContext,
     tally: RunTally,
     /// When the first run of the tally started.
-    tally_began: Option<Instant>,
+    tally_began: Option<Tick>,
+    /// When the last run of the tally started.
+    last_start: Option<Tick>,
     /// The last run's end, while nothing has been awaited since: the next run's start.
-    last_end: Option<Instant>,
+    last_end: Option<Tick>,
 }
+
+/// Quick runs are timed on the CPU's time-stamp counter: a reading costs about a third of the
+/// monotonic clock's, which a queue of quick tasks feels (falls back to the OS clock where the
+/// counter is not reliable). Times go onto the host's clock only when the tally is published.
+type Tick = quanta::Instant;
 
 /// A busy loop publishes at least this often...
 const PUBLISH_AFTER: Duration = Duration::from_millis(5);
@@ -77,12 +84,18 @@ const PUBLISH_RUNS: u64 = 1024;
 
 impl<'a> SequentialRuns<'a> {
     pub(crate) fn new(ctx: &'a ServiceContext) -> Self {
-        SequentialRuns { ctx, tally: RunTally::default(), tally_began: None, last_end: None }
+        SequentialRuns { ctx, tally: RunTally::default(), tally_began: None, last_start: None, last_end: None }
     }
 
-    /// Runs `work` as one recorded run (see [`recorded`]). `on_wait` is called if the run has to
-    /// wait, and what it returns is dropped when the run ends: an in-flight count, say.
-    pub(crate) async fn run<F, G>(&mut self, cause: &'static str, work: F, on_wait: impl FnOnce() -> G) -> RunOutcome
+    /// Runs the future `work()` makes as one recorded run (see [`recorded`]). `on_wait` is called
+    /// if the run has to wait, and what it returns is dropped when the run ends: an in-flight
+    /// count, say. (The future is made here, in place: moving a run's future costs a quick run.)
+    pub(crate) async fn run<F, G>(
+        &mut self,
+        cause: &'static str,
+        work: impl FnOnce() -> F,
+        on_wait: impl FnOnce() -> G,
+    ) -> RunOutcome
     where
         F: Future<Output = RunResult>,
     {
@@ -90,26 +103,28 @@ impl<'a> SequentialRuns<'a> {
             // Someone listens for run spans: each run is recorded on its own.
             self.publish();
             let _waiting = on_wait();
-            return recorded(self.ctx, cause, work).await;
+            return recorded(self.ctx, cause, work()).await;
         }
-        let start = self.last_end.take().unwrap_or_else(Instant::now);
-        let mut work = std::pin::pin!(work);
+        let start = self.last_end.take().unwrap_or_else(Tick::now);
+        let mut work = std::pin::pin!(work());
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
         let Poll::Ready(result) = first else {
             self.publish();
             let _waiting = on_wait();
-            let ticket = self.ctx.status().run_started_at(start);
+            let ticket = self.ctx.status().run_started_at(Instant::now() - Tick::now().duration_since(start));
             let result = work.await;
             warn_unless_succeeded(self.ctx, &tracing::Span::none(), &result);
             self.ctx.status().run_finished(ticket, result.outcome, result.error);
             return result.outcome;
         };
-        let end = Instant::now();
+        let end = Tick::now();
         self.last_end = Some(end);
         warn_unless_succeeded(self.ctx, &tracing::Span::none(), &result);
-        self.ctx.status().record_duration(end.saturating_duration_since(start));
+        let duration = end.duration_since(start);
+        self.ctx.status().record_duration(duration);
         self.tally_began.get_or_insert(start);
-        self.tally.add(start, end, result.outcome, result.error);
+        self.last_start = Some(start);
+        self.tally.add(duration, result.outcome, result.error);
         result.outcome
     }
 
@@ -117,7 +132,7 @@ impl<'a> SequentialRuns<'a> {
     pub(crate) fn publish_due(&self) -> bool {
         self.tally.len() >= PUBLISH_RUNS
             || match (self.tally_began, self.last_end) {
-                (Some(began), Some(end)) => end.saturating_duration_since(began) >= PUBLISH_AFTER,
+                (Some(began), Some(end)) => end.duration_since(began) >= PUBLISH_AFTER,
                 _ => false,
             }
     }
@@ -125,7 +140,11 @@ impl<'a> SequentialRuns<'a> {
     /// Publishes the tallied runs to the status view.
     pub(crate) fn publish(&mut self) {
         self.tally_began = None;
-        self.ctx.status().publish(&mut self.tally);
+        if let (false, Some(start)) = (self.tally.is_empty(), self.last_start) {
+            let ago = Tick::now().duration_since(start);
+            let start = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+            self.ctx.status().publish(&mut self.tally, start);
+        }
     }
 
     /// The loop is about to wait for work: publishes the tally, and forgets the last run's end so

@@ -324,14 +324,13 @@ pub(crate) struct RunTally {
 
 #[derive(Debug, Clone, Copy)]
 struct TalliedRun {
-    start: Instant,
     duration: Duration,
     outcome: RunOutcome,
 }
 
 impl RunTally {
-    /// Adds a run that started at `start` and ended at `end`.
-    pub(crate) fn add(&mut self, start: Instant, end: Instant, outcome: RunOutcome, error: Option<String>) {
+    /// Adds a run that took `duration`.
+    pub(crate) fn add(&mut self, duration: Duration, outcome: RunOutcome, error: Option<String>) {
         match outcome {
             RunOutcome::Succeeded => self.succeeded += 1,
             RunOutcome::Cancelled => self.cancelled += 1,
@@ -340,7 +339,12 @@ impl RunTally {
                 self.last_run_error = Some(error);
             }
         }
-        self.last = Some(TalliedRun { start, duration: end.saturating_duration_since(start), outcome });
+        self.last = Some(TalliedRun { duration, outcome });
+    }
+
+    /// Whether no run waits to be published.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.last.is_none()
     }
 
     /// How many runs wait to be published.
@@ -455,14 +459,15 @@ impl StatusHandle {
         histogram.record(duration.as_secs_f64());
     }
 
-    /// Publishes the runs tallied since the last call, under one lock, and empties the tally.
-    pub(crate) fn publish(&self, tally: &mut RunTally) {
+    /// Publishes the runs tallied since the last call, under one lock, and empties the tally. The
+    /// last of them started at `last_start`.
+    pub(crate) fn publish(&self, tally: &mut RunTally, last_start: Instant) {
         let Some(last) = tally.last.take() else { return };
         let mut r = self.slot.record();
         if self.slot.heartbeat_interval.is_some() {
-            r.last_beat = Some(last.start + last.duration);
+            r.last_beat = Some(last_start + last.duration);
         }
-        r.last_start = Some(last.start);
+        r.last_start = Some(last_start);
         let runs = &mut r.runs;
         runs.started += tally.succeeded + tally.failed + tally.cancelled;
         runs.succeeded += tally.succeeded;
