@@ -197,9 +197,10 @@ fn stevedore(n: usize, window: Duration) -> ((f64, f64, f64), u64) {
 
 pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     let window = Duration::from_secs(seconds);
-    if std::env::var_os("STEVEDORE_BENCH_TIMERS_PROFILE").is_some() {
-        // Profiling aid: the Stevedore side alone.
-        let ((mean, p99, cpu), skipped) = stevedore(n, window);
+    if let Ok(side) = std::env::var("STEVEDORE_BENCH_TIMERS_PROFILE") {
+        // Profiling aid: one side alone (`baseline`, or anything else for Stevedore's).
+        let ((mean, p99, cpu), skipped) =
+            if side == "baseline" { (baseline(n, window), 0) } else { stevedore(n, window) };
         println!("mean {mean:.3} ms, p99 {p99:.3} ms, cpu {cpu:.2} s, skipped {skipped}");
         std::process::exit(0);
     }

@@ -23,7 +23,22 @@ pub(crate) async fn recorded<F>(ctx: &ServiceContext, cause: &'static str, work:
 where
     F: Future<Output = RunResult>,
 {
-    let ticket = ctx.status().run_started();
+    recorded_from(ctx, cause, Instant::now(), work).await.0
+}
+
+/// [`recorded`], for a run that started at `start`, a clock reading the caller already had; returns
+/// the outcome and when the run ended, for the caller to go on with. A timer at every tick saves
+/// two clock readings out of four this way.
+pub(crate) async fn recorded_from<F>(
+    ctx: &ServiceContext,
+    cause: &'static str,
+    start: Instant,
+    work: F,
+) -> (RunOutcome, Instant)
+where
+    F: Future<Output = RunResult>,
+{
+    let ticket = ctx.status().run_started_at(start);
     // The level check first: with no subscriber interested in INFO, the span macro would still
     // format its fields for the `log` crate (tracing's `log` feature, which sqlx and others turn
     // on), a cost every run of a busy queue felt.
@@ -35,8 +50,9 @@ where
     // A disabled span (no subscriber wants it) costs nothing to skip; busy queues feel the wrapper.
     let result = if span.is_disabled() { work.await } else { work.instrument(span.clone()).await };
     warn_unless_succeeded(ctx, &span, &result);
-    ctx.status().run_finished(ticket, result.outcome, result.error);
-    result.outcome
+    let end = Instant::now();
+    ctx.status().run_finished_at(ticket, result.outcome, result.error, end);
+    (result.outcome, end)
 }
 
 fn warn_unless_succeeded(ctx: &ServiceContext, span: &tracing::Span, result: &RunResult) {

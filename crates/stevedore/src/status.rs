@@ -429,7 +429,11 @@ impl StatusHandle {
     /// Records the end of a run and its outcome; `error` is kept as the last run error. The run's
     /// duration also goes to the [`RUN_DURATION_METRIC`] histogram.
     pub fn run_finished(&self, ticket: RunTicket, outcome: RunOutcome, error: Option<String>) {
-        let now = Instant::now();
+        self.run_finished_at(ticket, outcome, error, Instant::now());
+    }
+
+    /// Records the end of a run at `now` (a clock reading the caller goes on using).
+    pub(crate) fn run_finished_at(&self, ticket: RunTicket, outcome: RunOutcome, error: Option<String>, now: Instant) {
         let duration = now.saturating_duration_since(ticket.started);
         let mut r = self.slot.record();
         if self.slot.heartbeat_interval.is_some() {
