@@ -68,11 +68,13 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -171,7 +173,10 @@ struct Shared<T> {
     paused: AtomicBool,
     /// Set once the service's token is cancelled: a plain load, where the token's check takes a lock.
     stopping: AtomicBool,
-    changed: Notify,
+    /// The queue's task while it waits for work: woken by a pause, a resume and the stop. Lock-free,
+    /// where a `Notify` waiter made and dropped at every wait took two locks, which a quick queue
+    /// that keeps running dry pays often.
+    wake: AtomicWaker,
     enqueued: AtomicU64,
     done: DoneCounts,
     handed_back: AtomicU64,
@@ -343,13 +348,13 @@ impl<T> TaskQueue<T> {
     /// Stops taking tasks; the running ones finish.
     pub fn pause(&self) {
         self.shared.paused.store(true, Ordering::Release);
-        self.shared.changed.notify_one();
+        self.shared.wake.wake();
     }
 
     /// Takes tasks again after [`pause`](Self::pause).
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::Release);
-        self.shared.changed.notify_one();
+        self.shared.wake.wake();
     }
 
     /// Depth, in flight, failed and paused, as the status view shows them.
@@ -538,7 +543,7 @@ where
             rx: tokio::sync::Mutex::new(rx),
             paused: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            changed: Notify::new(),
+            wake: AtomicWaker::new(),
             enqueued: AtomicU64::new(0),
             done: DoneCounts::default(),
             handed_back: AtomicU64::new(0),
@@ -678,11 +683,10 @@ where
             tokio::spawn(async move {
                 ctx.cancelled().await;
                 shared.stopping.store(true, Ordering::Release);
+                shared.wake.wake();
             })
         };
         let _watcher = AbortOnDrop(watcher);
-        let cancelled = ctx.token().cancelled();
-        tokio::pin!(cancelled);
         let mut running = FuturesUnordered::new();
         // Taken from the channel in a batch, not started yet; they go first, and back at the stop.
         let mut pending: VecDeque<T> = VecDeque::new();
@@ -690,7 +694,8 @@ where
         // A sequential queue's runs and outcomes, published in bulk (see `SequentialRuns`).
         let mut runs = SequentialRuns::new(&ctx);
         let mut unpublished = Unpublished::default();
-        ctx.status().set_queue(s.stats());
+        let mut published = s.stats();
+        ctx.status().set_queue(published.clone());
         // Taking and running tasks until the stop. While work is at hand the loop runs without
         // awaiting anything but the tasks (flags are plain loads); it registers for wake-ups only
         // when it has to wait, so a busy queue pays no waiter bookkeeping per task. It takes tasks
@@ -726,32 +731,46 @@ where
                     if runs.publish_due() {
                         runs.publish();
                         unpublished.publish(&s.done);
-                        ctx.status().set_queue(s.stats());
+                        published = publish_queue(&ctx, s, published);
                     }
                 } else {
                     running.push(self.process(&ctx, task));
                     since_publish += 1;
                     if since_publish >= PUBLISH_EVERY {
                         since_publish = 0;
-                        ctx.status().set_queue(s.stats());
+                        published = publish_queue(&ctx, s, published);
                     }
                 }
             }
             runs.idle();
             unpublished.publish(&s.done);
-            ctx.status().set_queue(s.stats());
+            published = publish_queue(&ctx, s, published);
+            // Waiting: for the stop, a pause or resume, a running task, or the channel. The stop
+            // reaches this wait through `stopping` and the waker (set by the watcher task), so the
+            // wait polls no cancellation future, which takes a lock.
             let paused = s.paused.load(Ordering::Acquire);
-            tokio::select! {
-                biased;
-                _ = &mut cancelled => break,
-                Some(()) = running.next(), if !running.is_empty() => {}
-                _ = s.changed.notified() => {}
-                n = rx.recv_many(&mut batch, BATCH), if !paused && running.len() < limit => {
-                    if n == 0 {
-                        break; // closed and empty
-                    }
-                    pending.extend(batch.drain(..));
+            let can_take = !paused && running.len() < limit;
+            let woken = std::future::poll_fn(|cx| {
+                s.wake.register(cx.waker());
+                if s.stopping.load(Ordering::Acquire) {
+                    return Poll::Ready(Woken::Stop);
                 }
+                if s.paused.load(Ordering::Acquire) != paused {
+                    return Poll::Ready(Woken::Changed);
+                }
+                if !running.is_empty() && running.poll_next_unpin(cx).is_ready() {
+                    return Poll::Ready(Woken::Changed);
+                }
+                if can_take && let Poll::Ready(n) = rx.poll_recv_many(cx, &mut batch, BATCH) {
+                    return Poll::Ready(Woken::Took(n));
+                }
+                Poll::Pending
+            })
+            .await;
+            match woken {
+                Woken::Stop | Woken::Took(0) => break, // stopping, or closed and empty
+                Woken::Changed => {}
+                Woken::Took(_) => pending.extend(batch.drain(..)),
             }
         }
         // The stop: no new tasks; drain by policy while there is time; hand back the rest.
@@ -787,6 +806,25 @@ where
         ctx.status().set_queue(s.stats());
         Ok(())
     }
+}
+
+/// What ended a queue's wait for work.
+enum Woken {
+    Stop,
+    /// A pause or resume, or a running task ended: look again.
+    Changed,
+    /// Tasks taken from the channel (0: closed and empty).
+    Took(usize),
+}
+
+/// Puts the queue's figures in the status view if they changed since `last` (a lock spared each
+/// time a quick queue runs dry); returns them.
+fn publish_queue<T>(ctx: &ServiceContext, s: &Shared<T>, last: QueueStats) -> QueueStats {
+    let now = s.stats();
+    if now != last {
+        ctx.status().set_queue(now.clone());
+    }
+    now
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
