@@ -327,3 +327,24 @@ async fn a_trigger_after_the_stop_is_refused() {
     let _ = run_for(host, secs(1)).await;
     assert!(!trigger.trigger());
 }
+
+#[tokio::test(start_paused = true)]
+async fn quick_runs_are_in_the_status_view_as_soon_as_the_timer_waits_again() {
+    // Runs that end without waiting are written as the service goes back to its timer: the view
+    // holds them while the timer is still running, with their start on the host's clock.
+    let timer = IntervalService::fixed_rate("quick", secs(10), || async { Ok::<_, BoxError>(()) });
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (status, lifetime) = (host.status(), host.lifetime());
+    let run = tokio::spawn(host.run());
+    tokio::time::sleep(Duration::from_millis(20_500)).await;
+    let s = status.service("quick").unwrap();
+    assert_eq!((s.runs.started, s.runs.succeeded, s.runs.in_flight), (3, 3, 0), "runs at 0, 10 and 20 s");
+    assert_eq!(s.runs.last_outcome, Some(RunOutcome::Succeeded));
+    assert!(s.runs.last_duration.unwrap() < Duration::from_millis(100), "{:?}", s.runs.last_duration);
+    let ago = std::time::SystemTime::now().duration_since(s.runs.last_started.expect("a last start")).unwrap();
+    assert!(ago >= Duration::from_millis(400) && ago < secs(2), "last start {ago:?} ago");
+    let ahead = s.runs.next_run.expect("a next run").duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(ahead > secs(9) && ahead <= secs(10), "next run in {ahead:?}");
+    lifetime.request_stop();
+    assert!(run.await.unwrap().is_clean());
+}
