@@ -238,12 +238,27 @@ pub async fn run_payload_handler<T, Args, H: PayloadHandler<T, Args>>(
 ) -> RunResult {
     let scope = ctx.create_scope();
     prepare(&scope);
+    run_payload_handler_in(scope, handler, payload, timeout).await.0
+}
+
+/// [`run_payload_handler`] in a scope the caller made; hands the scope back when nothing was made
+/// in it or attached to it, for the caller's next run (a sequential queue's next task), and ends it
+/// otherwise.
+pub(crate) async fn run_payload_handler_in<T, Args, H: PayloadHandler<T, Args>>(
+    scope: Scope,
+    handler: &H,
+    payload: T,
+    timeout: Option<Duration>,
+) -> (RunResult, Option<Scope>) {
     let (outcome, error) = run_caught(timeout, handler.call(payload, &scope)).await;
+    if scope.is_pristine() {
+        return (RunResult { outcome, error }, Some(scope));
+    }
     if scope.nothing_to_end() {
-        return RunResult { outcome, error };
+        return (RunResult { outcome, error }, None);
     }
     // Boxed: rare (scoped values to end), and unboxed its state would grow every run's future.
-    Box::pin(finish(scope, outcome, error)).await
+    (Box::pin(finish(scope, outcome, error)).await, None)
 }
 
 /// Runs `work` with an optional timeout, catching panics as failures, and turns its result into an

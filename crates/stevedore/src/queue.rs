@@ -79,8 +79,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BoxError;
-use crate::handler::{PayloadHandler, run_payload_handler};
+use crate::handler::{PayloadHandler, run_payload_handler, run_payload_handler_in};
 use crate::runs::{SequentialRuns, recorded};
+use crate::scope::Scope;
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
 use crate::status::{QueueStats, RunOutcome, ServiceControl};
 
@@ -619,10 +620,16 @@ where
         ctx: &ServiceContext,
         runs: &mut SequentialRuns<'_>,
         unpublished: &mut Unpublished,
+        spare_scope: &mut Option<Scope>,
         task: T,
     ) {
         let done = &self.shared.done;
-        let work = || run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {});
+        let work = || async {
+            let scope = spare_scope.take().unwrap_or_else(|| ctx.create_scope());
+            let (result, unused) = run_payload_handler_in(scope, &self.handler, task, self.timeout).await;
+            *spare_scope = unused;
+            result
+        };
         let outcome = runs
             .run("task", work, || {
                 unpublished.publish(done);
@@ -694,6 +701,8 @@ where
         // A sequential queue's runs and outcomes, published in bulk (see `SequentialRuns`).
         let mut runs = SequentialRuns::new(&ctx);
         let mut unpublished = Unpublished::default();
+        // A task's scope that nothing was made in or attached to serves the next task.
+        let mut spare_scope: Option<Scope> = None;
         let mut published = s.stats();
         ctx.status().set_queue(published.clone());
         // Taking and running tasks until the stop. While work is at hand the loop runs without
@@ -727,7 +736,7 @@ where
                     },
                 };
                 if limit == 1 {
-                    self.process_in_turn(&ctx, &mut runs, &mut unpublished, task).await;
+                    self.process_in_turn(&ctx, &mut runs, &mut unpublished, &mut spare_scope, task).await;
                     if runs.publish_due() {
                         runs.publish();
                         unpublished.publish(&s.done);

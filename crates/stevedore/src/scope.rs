@@ -369,6 +369,8 @@ pub struct Scope {
     values: Mutex<Vec<(TypeId, Shared)>>,
     /// Set once a scoped value is made: a run that made none skips its close without a lock.
     made_scoped: AtomicBool,
+    /// Set once an extension is attached.
+    extended: AtomicBool,
     extensions: Mutex<Vec<Box<dyn Any + Send + Sync>>>,
 }
 
@@ -384,6 +386,7 @@ impl Scope {
             ctx,
             values: Mutex::new(Vec::new()),
             made_scoped: AtomicBool::new(false),
+            extended: AtomicBool::new(false),
             extensions: Mutex::new(Vec::new()),
         }
     }
@@ -405,6 +408,7 @@ impl Scope {
     /// Attaches a typed value (a job's metadata, a message's headers) that handlers extract with
     /// [`Extension`](crate::handler::Extension). A second value of the same type replaces the first.
     pub fn insert_extension<T: Clone + Send + Sync + 'static>(&self, value: T) {
+        self.extended.store(true, Ordering::Release);
         let mut ext = self.extensions.lock().unwrap_or_else(|p| p.into_inner());
         ext.retain(|e| !e.is::<T>());
         ext.push(Box::new(value));
@@ -469,6 +473,12 @@ impl Scope {
     /// run without scoped dependencies skips building the close future altogether.
     pub(crate) fn nothing_to_end(&self) -> bool {
         !self.made_scoped.load(Ordering::Acquire)
+    }
+
+    /// True when nothing was made in the scope or attached to it: it is then as good as a fresh
+    /// one, and a loop may use it for its next unit of work instead of making another.
+    pub(crate) fn is_pristine(&self) -> bool {
+        self.nothing_to_end() && !self.extended.load(Ordering::Acquire)
     }
 
     /// Ends the scope: scoped values are ended in reverse order of creation, each end hook seeing

@@ -369,3 +369,44 @@ async fn a_sequential_task_that_waits_is_shown_in_flight_with_the_quick_ones_bef
     lifetime.request_stop();
     assert!(run.await.unwrap().is_clean());
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_task_of_a_sequential_queue_has_its_own_scope() {
+    // The queue hands a scope that nothing was made in to the next task; one in which a scoped
+    // value was made is ended with its task, and the next task gets a fresh one.
+    use stevedore::{Scoped, ServiceCollection};
+    struct Tx(u32);
+    let made = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(Mutex::new(Vec::new()));
+    let (m, e) = (made.clone(), ended.clone());
+    let services = ServiceCollection::new().scoped_with_end(
+        move || {
+            let n = m.fetch_add(1, Ordering::SeqCst) as u32;
+            async move { Ok::<_, BoxError>(Tx(n)) }
+        },
+        move |tx: Tx, outcome| {
+            e.lock().unwrap().push((tx.0, outcome));
+            async { Ok::<(), BoxError>(()) }
+        },
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let handler = move |n: u32, tx: Scoped<Tx>| {
+        let s = s.clone();
+        async move {
+            let id = tx.lock().await.0;
+            s.lock().unwrap().push((n, id));
+            Ok::<(), BoxError>(())
+        }
+    };
+    let (queue, service) = TaskQueue::builder("q", handler).build();
+    for n in 0..3 {
+        queue.enqueue(n).await.unwrap();
+    }
+    let (report, _) = run_for(builder().services(services).add(service).build().unwrap(), secs(1)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    assert_eq!(*seen.lock().unwrap(), [(0, 0), (1, 1), (2, 2)], "a fresh scoped value per task");
+    assert_eq!(made.load(Ordering::SeqCst), 3);
+    let ok = RunOutcome::Succeeded;
+    assert_eq!(*ended.lock().unwrap(), [(0, ok), (1, ok), (2, ok)], "each ended with its own task");
+}
