@@ -98,8 +98,8 @@ async fn web_and_workers_survive_kill_and_terminate_without_losing_or_doubling_a
         enqueued += 2;
     }
 
-    // Mid-run, while each worker holds a running job: one dies without warning, the other is asked
-    // to stop. The CLI shows which worker leases which job (`worker-<pid>-...`).
+    // Mid-run, while each worker holds a running report: one dies without warning, the other is
+    // asked to stop. The CLI shows which worker leases which job (`worker-<pid>-...`).
     let (pid_a, pid_b) = (a.child.id().unwrap(), b.child.id().unwrap());
     let url = db.url.clone();
     let killed_jobs = eventually(Duration::from_secs(30), "both workers running a job", || {
@@ -112,6 +112,9 @@ async fn web_and_workers_survive_kill_and_terminate_without_losing_or_doubling_a
                 .unwrap()
                 .iter()
                 .filter(|j| j["lease_owner"].as_str().is_some_and(|o| o.starts_with(&prefix)))
+                // Reports only: a sync takes a tenth of a second and may finish between this
+                // look and the kill; a 400-round report runs for seconds.
+                .filter(|j| j["kind"] == "employee_report")
                 .map(|j| j["id"].as_i64().unwrap())
                 .collect()
         };
