@@ -74,9 +74,9 @@ fn warn_unless_succeeded(ctx: &ServiceContext, span: &tracing::Span, result: &Ru
 /// A run that ends at its first poll, as a quick task does, is tallied here and published with the
 /// others under one lock, and one clock reading serves as its end and the next run's start. A run
 /// that has to wait is published at once, with everything tallied before it, so the status view
-/// shows it in flight. The loop calls [`publish`](Self::publish) before it waits for work and
-/// whenever [`publish_due`](Self::publish_due) says so, so the view lags a busy loop by at most a
-/// few milliseconds and an idle one not at all.
+/// shows it in flight. The loop calls [`idle`](Self::idle) before it waits for work and
+/// [`publish`](Self::publish) whenever [`publish_due`](Self::publish_due) says so, so the view lags
+/// a busy loop by at most a few milliseconds and an idle one not at all.
 pub(crate) struct SequentialRuns<'a> {
     ctx: &'a ServiceContext,
     tally: RunTally,
@@ -92,6 +92,13 @@ pub(crate) struct SequentialRuns<'a> {
 /// monotonic clock's, which a queue of quick tasks feels (falls back to the OS clock where the
 /// counter is not reliable). Times go onto the host's clock only when the tally is published.
 type Tick = quanta::Instant;
+
+/// A counter reading on the host's clock: now, less the time since the reading.
+fn host_time_of(tick: Tick) -> Instant {
+    let ago = Tick::now().duration_since(tick);
+    let now = Instant::now();
+    now.checked_sub(ago).unwrap_or(now)
+}
 
 /// A busy loop publishes at least this often...
 const PUBLISH_AFTER: Duration = Duration::from_millis(5);
@@ -127,7 +134,7 @@ impl<'a> SequentialRuns<'a> {
         let Poll::Ready(result) = first else {
             self.publish();
             let _waiting = on_wait();
-            let ticket = self.ctx.status().run_started_at(Instant::now() - Tick::now().duration_since(start));
+            let ticket = self.ctx.status().run_started_at(host_time_of(start));
             let result = work.await;
             warn_unless_succeeded(self.ctx, &tracing::Span::none(), &result);
             self.ctx.status().run_finished(ticket, result.outcome, result.error);
@@ -157,9 +164,7 @@ impl<'a> SequentialRuns<'a> {
     pub(crate) fn publish(&mut self) {
         self.tally_began = None;
         if let (false, Some(start)) = (self.tally.is_empty(), self.last_start) {
-            let ago = Tick::now().duration_since(start);
-            let start = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
-            self.ctx.status().publish(&mut self.tally, start);
+            self.ctx.status().publish(&mut self.tally, host_time_of(start));
         }
     }
 
