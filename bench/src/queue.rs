@@ -2,10 +2,11 @@
 //! raw baselines in the same run (a bounded tokio mpsc with one consumer loop; mpsc plus
 //! `tokio::spawn` under a 64-permit semaphore) and against apalis 1.0's in-memory backend.
 //!
-//! Every subject counts completions with one shared atomic and ends when all `n` are done, on the
-//! same 2-thread runtime. Stevedore and the raw baselines have a producer task feeding a bounded
-//! channel (capacity 1024) while the consumer runs; apalis's in-memory backend is unbounded, so it
-//! is filled first and only the burn-down is timed, which spares it the producer's contention.
+//! Every subject counts completions with one shared atomic and ends when all `n` are done, each
+//! measurement on a fresh 2-thread runtime. Stevedore and the raw baselines have a producer task
+//! feeding a bounded channel (capacity 1024) while the consumer runs; apalis's in-memory backend is
+//! unbounded, so it is filled first and only the burn-down is timed, which spares it the
+//! producer's contention.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -152,32 +153,36 @@ async fn apalis_memory(n: u64, concurrency: usize) -> f64 {
     n as f64 / began.elapsed().as_secs_f64()
 }
 
+/// A fresh 2-thread runtime: each measurement gets its own, so that nothing one subject leaves
+/// behind (apalis's worker leaves tasks running after `run_until` returns) slows the next.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
 pub fn run(n: u64, runs: usize) -> Figures {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut cols: [Vec<f64>; 6] = Default::default();
     if let Ok(side) = std::env::var("STEVEDORE_BENCH_QUEUE_PROFILE") {
         // Profiling aid: run one Stevedore side alone, many times.
         let concurrency = if side == "concurrent" { CONCURRENT } else { 1 };
-        rt.block_on(async {
+        runtime().block_on(async {
             for _ in 0..runs {
                 println!("{:.0} tasks/s", stevedore_queue(n, concurrency).await);
             }
         });
         std::process::exit(0);
     }
-    rt.block_on(async {
-        // One warm-up of each, not counted.
-        raw_sequential(n / 10).await;
-        stevedore_queue(n / 10, 1).await;
-        for _ in 0..runs {
-            cols[0].push(raw_sequential(n).await);
-            cols[1].push(stevedore_queue(n, 1).await);
-            cols[2].push(raw_spawn_semaphore(n).await);
-            cols[3].push(stevedore_queue(n, CONCURRENT).await);
-            cols[4].push(apalis_memory(n, CONCURRENT).await);
-            cols[5].push(apalis_memory(n, 16).await);
-        }
-    });
+    let measure = |subject: std::pin::Pin<Box<dyn std::future::Future<Output = f64>>>| runtime().block_on(subject);
+    // One warm-up of each, not counted.
+    measure(Box::pin(raw_sequential(n / 10)));
+    measure(Box::pin(stevedore_queue(n / 10, 1)));
+    for _ in 0..runs {
+        cols[0].push(measure(Box::pin(raw_sequential(n))));
+        cols[1].push(measure(Box::pin(stevedore_queue(n, 1))));
+        cols[2].push(measure(Box::pin(raw_spawn_semaphore(n))));
+        cols[3].push(measure(Box::pin(stevedore_queue(n, CONCURRENT))));
+        cols[4].push(measure(Box::pin(apalis_memory(n, CONCURRENT))));
+        cols[5].push(measure(Box::pin(apalis_memory(n, 16))));
+    }
     let [raw_seq, ours_seq, raw_conc, ours_conc, apalis64, apalis16] = cols.map(median);
     let mut f = Figures::new(format!("queue: {n} no-op tasks, 2 worker threads (median of {runs})"));
     f.add("seq_ratio", ours_seq / raw_seq, "Stevedore sequential over raw mpsc + one consumer loop");
