@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stevedore::{
-    BoxError, BuildError, Host, HostState, HostedService, OnFailure, RestartPolicy, ServiceContext, ServiceSpec,
-    ServiceState, StartError, StopReason,
+    AppLifetime, BoxError, BuildError, Host, HostState, HostedService, OnFailure, RestartPolicy, ServiceContext,
+    ServiceSpec, ServiceState, StartError, StatusView, StopReason,
 };
 use tokio::time::Instant;
 
@@ -80,6 +80,14 @@ async fn run_then_stop(host: Host) -> stevedore::RunReport {
     let report = host.run().await;
     stopper.await.unwrap();
     report
+}
+
+/// Runs the host in a task of its own and waits until it has started.
+async fn start(host: Host) -> (AppLifetime, StatusView, tokio::task::JoinHandle<stevedore::RunReport>) {
+    let (lifetime, status) = (host.lifetime(), host.status());
+    let run = tokio::spawn(host.run());
+    assert!(lifetime.started().await, "the host did not start");
+    (lifetime, status, run)
 }
 
 #[tokio::test(start_paused = true)]
@@ -216,10 +224,7 @@ async fn a_blocking_prefix_in_execute_does_not_hold_up_the_start() {
         }))
         .build()
         .unwrap();
-    let lifetime = host.lifetime();
-    let status = host.status();
-    let run = tokio::spawn(host.run());
-    assert!(lifetime.started().await);
+    let (lifetime, status, run) = start(host).await;
     assert_eq!(status.service("after").unwrap().state, ServiceState::Running);
     release_tx.send(()).unwrap();
     lifetime.request_stop();
@@ -411,10 +416,7 @@ async fn shutdown_delay_waits_before_stopping_while_readiness_already_fails() {
         }))
         .build()
         .unwrap();
-    let lifetime = host.lifetime();
-    let status = host.status();
-    let run = tokio::spawn(host.run());
-    assert!(lifetime.started().await);
+    let (lifetime, status, run) = start(host).await;
     assert!(status.readiness().ready);
     let asked = Instant::now();
     lifetime.request_stop();
@@ -430,10 +432,7 @@ async fn shutdown_delay_waits_before_stopping_while_readiness_already_fails() {
 async fn a_service_that_finishes_its_work_is_completed() {
     let host =
         builder().add(ServiceSpec::from_fn("warmup", |_ctx| async move { Ok::<_, BoxError>(()) })).build().unwrap();
-    let lifetime = host.lifetime();
-    let status = host.status();
-    let run = tokio::spawn(host.run());
-    lifetime.started().await;
+    let (lifetime, status, run) = start(host).await;
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(status.service("warmup").unwrap().state, ServiceState::Completed);
     lifetime.request_stop();
@@ -455,10 +454,7 @@ async fn heartbeat_silence_makes_the_service_unhealthy() {
         )
         .build()
         .unwrap();
-    let lifetime = host.lifetime();
-    let status = host.status();
-    let run = tokio::spawn(host.run());
-    lifetime.started().await;
+    let (lifetime, status, run) = start(host).await;
     tokio::time::sleep(Duration::from_secs(9)).await;
     assert!(status.readiness().ready);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -551,9 +547,7 @@ fn background_services_run_on_the_background_runtime_unless_they_opt_out() {
             )
             .build()
             .unwrap();
-        let lifetime = host.lifetime();
-        let run = tokio::spawn(host.run());
-        lifetime.started().await;
+        let (lifetime, _, run) = start(host).await;
         while watch.lock().unwrap().len() < 2 {
             tokio::task::yield_now().await;
         }
@@ -611,10 +605,7 @@ async fn a_service_ending_itself_does_not_stop_its_neighbour() {
         }))
         .build()
         .unwrap();
-    let lifetime = host.lifetime();
-    let status = host.status();
-    let run = tokio::spawn(host.run());
-    assert!(lifetime.started().await);
+    let (lifetime, status, run) = start(host).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(entries(&log).is_empty(), "a was stopped by its neighbour: {:?}", entries(&log));
     assert_eq!(status.service("a").unwrap().state, ServiceState::Running);
