@@ -269,17 +269,7 @@ where
     Fut: Future<Output = Result<(), BoxError>> + Send,
 {
     let result = match timeout {
-        None => {
-            let mut work = std::pin::pin!(work);
-            std::future::poll_fn(|cx| {
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
-                    Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-                    Ok(std::task::Poll::Ready(result)) => std::task::Poll::Ready(Ok(result)),
-                    Err(panic) => std::task::Poll::Ready(Err(panic)),
-                }
-            })
-            .await
-        }
+        None => crate::host::caught(std::pin::pin!(work)).await,
         // Boxed: a timer is dearer than the allocation, and unboxed the timer's state would grow the
         // future of every run, timed or not.
         Some(limit) => {

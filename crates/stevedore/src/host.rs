@@ -640,6 +640,19 @@ async fn call_caught(service: &dyn DynHosted, hook: Hook, ctx: &ServiceContext) 
     }
 }
 
+/// Polls `fut` inside `catch_unwind`, so that a panic in it comes out as an error instead of
+/// unwinding the task. A plain `poll_fn` on the pinned future, not one more async layer around it:
+/// a quick run feels every layer, and a supervisor keeps `execute`'s future where it was pinned.
+pub(crate) fn caught<F: Future>(
+    mut fut: std::pin::Pin<&mut F>,
+) -> impl Future<Output = std::thread::Result<F::Output>> + '_ {
+    std::future::poll_fn(move |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+        Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+        Ok(std::task::Poll::Ready(r)) => std::task::Poll::Ready(Ok(r)),
+        Err(panic) => std::task::Poll::Ready(Err(panic)),
+    })
+}
+
 /// The message a panic carried (`panic!("...")` gives a `&str` or a `String`).
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
@@ -706,13 +719,8 @@ async fn supervise<T: BackgroundService>(service: T, ctx: ServiceContext, mut po
     let _pass_on = PassStopOn(&ctx);
     loop {
         let result = {
-            let mut run = std::pin::pin!(service.execute(ctx.clone()));
-            std::future::poll_fn(|cx| match std::panic::catch_unwind(AssertUnwindSafe(|| run.as_mut().poll(cx))) {
-                Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-                Ok(std::task::Poll::Ready(r)) => std::task::Poll::Ready(Ok(r)),
-                Err(panic) => std::task::Poll::Ready(Err(panic)),
-            })
-            .await
+            let run = std::pin::pin!(service.execute(ctx.clone()));
+            caught(run).await
         };
         let message = match result {
             Ok(Ok(())) => {
