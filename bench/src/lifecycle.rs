@@ -87,6 +87,9 @@ async fn baseline(n: usize, before: u64) -> (f64, f64) {
         let t = token.child_token();
         handles.push(tokio::spawn(async move { t.cancelled().await }));
     }
+    if std::env::var("PHASES").is_ok() {
+        eprintln!("spawned {:?}", began.elapsed());
+    }
     tokio::task::yield_now().await;
     let rss = rss_bytes().saturating_sub(before) as f64;
     token.cancel();
@@ -105,6 +108,9 @@ async fn stevedore_host(n: usize, before: u64) -> (f64, f64) {
             ctx.cancelled().await;
             Ok::<_, BoxError>(())
         }));
+    }
+    if std::env::var("PHASES").is_ok() {
+        eprintln!("added {:?}", began.elapsed());
     }
     let host = builder.build().expect("valid host");
     if std::env::var("PHASES").is_ok() {

@@ -178,8 +178,10 @@ impl ServiceContext {
     }
 
     /// Resolves when this service is asked to stop (its turn in the stop order).
-    pub async fn cancelled(&self) {
-        self.inner.token.cancelled().await
+    pub fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
+        // The token's own future, not an `async fn` around it: every service that awaits this
+        // holds it in its task, and the wrapper would add two words to each.
+        self.inner.token.cancelled()
     }
 
     /// True once this service is asked to stop.
@@ -262,7 +264,7 @@ pub(crate) trait DynBackground: Send + Sync + 'static {
     ) -> tokio::task::JoinHandle<()>;
 }
 
-impl<T: BackgroundService> DynBackground for T {
+impl<T: Execute> DynBackground for T {
     fn spawn_supervised(
         self: Box<Self>,
         ctx: ServiceContext,
@@ -273,18 +275,33 @@ impl<T: BackgroundService> DynBackground for T {
     }
 }
 
-/// A closure as a background service; made by [`ServiceSpec::from_fn`].
-struct FnService<F>(F);
+/// What a supervisor runs: a [`BackgroundService`], or a closure whose error is turned into a
+/// [`BoxError`] only once it has failed. Converting inside the future (`map_err`) would add a word
+/// to every idle closure service's task, and that word moved it into the next allocation class.
+pub(crate) trait Execute: Send + Sync + 'static {
+    type Error: Into<BoxError>;
+    fn run(&self, ctx: ServiceContext) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
 
-impl<F, Fut, E> BackgroundService for FnService<F>
+impl<T: BackgroundService> Execute for T {
+    type Error = BoxError;
+    fn run(&self, ctx: ServiceContext) -> impl Future<Output = Result<(), BoxError>> + Send {
+        self.execute(ctx)
+    }
+}
+
+/// A closure as a background service; made by [`ServiceSpec::from_fn`].
+pub(crate) struct FnService<F>(pub(crate) F);
+
+impl<F, Fut, E> Execute for FnService<F>
 where
     F: Fn(ServiceContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    fn execute(&self, ctx: ServiceContext) -> impl Future<Output = Result<(), BoxError>> + Send {
-        // `map_err` rather than an `async` block: the block would hold the closure's future twice.
-        futures_util::TryFutureExt::map_err((self.0)(ctx), Into::into)
+    type Error = E;
+    fn run(&self, ctx: ServiceContext) -> impl Future<Output = Result<(), E>> + Send {
+        (self.0)(ctx)
     }
 }
 
@@ -376,7 +393,7 @@ impl ServiceSpec {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        Self::background(name, FnService(f))
+        Self::with_work(name, "background", Work::Background(Box::new(FnService(f))))
     }
 
     /// What to do when the service fails at run time (default: stop the host).
