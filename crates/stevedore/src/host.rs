@@ -470,9 +470,12 @@ impl Host {
                 _ = force.cancelled() => {}
             }
         });
+        // One clock reading for the whole stop: after it, the budget runs out only where `cut_short`
+        // fires, and every service after that point had no time.
+        let mut had_time = Instant::now() < deadline;
         if self.shutdown.concurrent {
             for entry in self.entries.iter_mut() {
-                begin_stop(entry, deadline);
+                begin_stop(entry, had_time);
             }
             // Every service is cancelled already, so waiting in order costs no more than waiting for
             // all at once, and needs no per-service bookkeeping.
@@ -491,16 +494,15 @@ impl Host {
                 let _ = finish_stop(entry).now_or_never();
             }
         } else {
-            let mut interrupted = false;
             for entry in self.entries.iter_mut().rev() {
-                begin_stop(entry, deadline);
-                if interrupted || !entry.had_time || force.is_cancelled() {
+                begin_stop(entry, had_time && !force.is_cancelled());
+                if !entry.had_time {
                     continue;
                 }
                 tokio::select! {
                     biased;
                     _ = finish_stop(entry) => {}
-                    _ = &mut cut_short => interrupted = true,
+                    _ = &mut cut_short => had_time = false,
                 }
             }
         }
@@ -544,11 +546,11 @@ async fn start_one(entry: &mut Entry, background: Option<&tokio::runtime::Handle
 }
 
 /// Asks one service to stop: cancels its token and, for a start/stop service, spawns its `stop`.
-fn begin_stop(entry: &mut Entry, deadline: Instant) {
+fn begin_stop(entry: &mut Entry, had_time: bool) {
     if !entry.started {
         return;
     }
-    entry.had_time = Instant::now() < deadline;
+    entry.had_time = had_time;
     entry.status.set_state_unless_ended(ServiceState::Stopping);
     entry.ctx.token().cancel();
     if let Work::Hosted(service) = &entry.work {

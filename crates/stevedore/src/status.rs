@@ -553,11 +553,17 @@ impl StatusHandle {
         }
     }
 
-    /// Moves to `state` unless the service already ended on its own (completed or failed): one lock
-    /// for what would otherwise be a read then a write.
+    /// Moves to `state` unless the service already ended (completed, failed, stopped or
+    /// abandoned): one lock for what would otherwise be a read then a write. In a stop one by one
+    /// the chain of services often runs ahead of the host, and a service that has stopped must not
+    /// show as stopping again.
     pub(crate) fn set_state_unless_ended(&self, state: ServiceState) {
         let mut r = self.slot.record();
-        if r.state != state && !matches!(r.state, ServiceState::Completed | ServiceState::Failed) {
+        let ended = matches!(
+            r.state,
+            ServiceState::Completed | ServiceState::Failed | ServiceState::Stopped | ServiceState::Abandoned
+        );
+        if r.state != state && !ended {
             r.state = state;
             r.since = SystemTime::now();
         }
