@@ -317,13 +317,25 @@ impl Host {
         let start_error = self.start_all().await.err();
         let (status, lifetime) = (self.status.clone(), self.lifetime.clone());
         let rest = async move {
-            let report = self.wait_and_stop(start_error, &force).await;
+            let stop_duration = self.wait_and_stop(start_error.as_ref(), &force).await;
             drop(signals);
-            report
+            (self, start_error, stop_duration, force.is_cancelled())
         };
         let mut task = AbortOnDrop(tokio::spawn(rest.instrument(tracing::Span::current())));
         match (&mut task.0).await {
-            Ok(report) => report,
+            // The report is written here, not in the task: its names are allocated where the
+            // services' tasks were, and the host is dropped here too.
+            Ok((host, start_error, stop_duration, forced)) => {
+                let report = RunReport {
+                    services: host.entries.iter().map(report_of).collect(),
+                    start_error,
+                    stop_reason: host.lifetime.stop_reason(),
+                    forced,
+                    stop_duration,
+                };
+                tracing::info!(code = report.exit_code(), ?stop_duration, "host stopped");
+                report
+            }
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Only a runtime shutting down cancels the task: report what each service reached.
             Err(_) => RunReport {
@@ -345,8 +357,9 @@ impl Host {
         }
     }
 
-    async fn wait_and_stop(&mut self, start_error: Option<StartError>, force: &CancellationToken) -> RunReport {
-        if let Some(err) = &start_error {
+    /// Waits for the stop request, then stops; returns how long the stop took.
+    async fn wait_and_stop(&mut self, start_error: Option<&StartError>, force: &CancellationToken) -> Duration {
+        if let Some(err) = start_error {
             tracing::error!(error = %err, "start failed: stopping the services already started");
             self.lifetime.request_stop_because(StopReason::StartFailed(err.to_string()));
         } else {
@@ -366,15 +379,7 @@ impl Host {
         self.stop_all(force).await;
         let stop_duration = stop_started.elapsed();
         self.lifetime.set_state(HostState::Stopped);
-        let report = RunReport {
-            services: self.entries.iter().map(report_of).collect(),
-            start_error,
-            stop_reason: self.lifetime.stop_reason(),
-            forced: force.is_cancelled(),
-            stop_duration,
-        };
-        tracing::info!(code = report.exit_code(), ?stop_duration, "host stopped");
-        report
+        stop_duration
     }
 
     // ---- start ----
