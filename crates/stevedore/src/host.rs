@@ -18,7 +18,7 @@ use crate::error::{BuildError, StartError};
 use crate::lifetime::{AppLifetime, HostState, StopReason};
 use crate::report::{RunReport, ServiceReport};
 use crate::scope::ServiceCollection;
-use crate::service::{DynHosted, Execute, Hook, ServiceContext, ServiceSpec, Work};
+use crate::service::{ContextParts, DynHosted, Execute, Hook, ServiceContext, ServiceSpec, Work};
 use crate::shutdown::{ShutdownOptions, spawn_signal_listener};
 use crate::status::{ServiceState, StatusHandle, StatusView};
 use crate::supervision::{OnFailure, RestartPolicy};
@@ -183,16 +183,16 @@ impl HostBuilder {
             .into_iter()
             .map(|spec| {
                 let extras = spec.extras.map(|e| *e).unwrap_or_default();
-                let status = StatusHandle::new(spec.name, spec.kind, extras.heartbeat, now);
-                if let Some(control) = extras.control {
-                    status.set_control(control);
-                }
                 let token = CancellationToken::new();
                 let background = matches!(spec.work, Work::Background(_));
                 let stop_next = if background && !shutdown.concurrent { previous_background.take() } else { None };
                 previous_background = background.then(|| token.clone());
-                let ctx =
-                    ServiceContext::chained(token, lifetime.clone(), status.clone(), container.clone(), stop_next);
+                let parts = ContextParts { token, lifetime: lifetime.clone(), container: container.clone(), stop_next };
+                let status = StatusHandle::new(spec.name, spec.kind, extras.heartbeat, now, parts);
+                if let Some(control) = extras.control {
+                    status.set_control(control);
+                }
+                let ctx = ServiceContext::of(status.clone());
                 Entry {
                     work: spec.work,
                     ignore_failures: extras.on_failure == OnFailure::Ignore,
@@ -209,12 +209,9 @@ impl HostBuilder {
             })
             .collect();
         let status = StatusView::new(entries.iter().map(|e| e.status.clone()).collect(), lifetime.clone());
-        let root = ServiceContext::new(
-            CancellationToken::new(),
-            lifetime.clone(),
-            StatusHandle::new("singletons".into(), "registry", None, now),
-            container,
-        );
+        let parts =
+            ContextParts { token: CancellationToken::new(), lifetime: lifetime.clone(), container, stop_next: None };
+        let root = ServiceContext::of(StatusHandle::new("singletons".into(), "registry", None, now, parts));
         Ok(Host {
             root,
             entries,

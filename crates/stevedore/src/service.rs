@@ -98,56 +98,58 @@ pub trait BackgroundService: Send + Sync + 'static {
 /// What every service is handed: its name, its cancellation, the host's lifetime and its status.
 ///
 /// Cloning is cheap (one reference count).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServiceContext {
-    inner: Arc<ContextInner>,
+    /// The service's status slot, which also holds the context's parts: one allocation per service.
+    status: StatusHandle,
 }
 
-struct ContextInner {
-    token: CancellationToken,
-    lifetime: AppLifetime,
-    status: StatusHandle,
-    container: Arc<Container>,
+impl std::fmt::Debug for ServiceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceContext").field("name", &self.name()).finish_non_exhaustive()
+    }
+}
+
+/// A context's parts besides its status, kept in the service's status slot.
+///
+/// The slot thus holds the registry: a singleton that keeps the host's `StatusView`, a
+/// `StatusHandle` or a `ServiceContext` makes a reference cycle, and the host's memory is then
+/// freed only when the process ends (as it already was for a singleton keeping a context).
+pub(crate) struct ContextParts {
+    pub(crate) token: CancellationToken,
+    pub(crate) lifetime: AppLifetime,
+    pub(crate) container: Arc<Container>,
     /// In a stop one by one, the token the host cancels after this service's: cancelled by this
     /// service's own task as it ends, so the stop runs down the chain without a hand-off to the
     /// host per service. Set only between two background services (whose stop is the token alone).
-    stop_next: Option<CancellationToken>,
+    pub(crate) stop_next: Option<CancellationToken>,
 }
 
-impl std::fmt::Debug for ContextInner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceContext").field("name", &self.status.name()).finish_non_exhaustive()
+impl ContextParts {
+    /// Parts outside any host: a lifetime of their own, cancelled when `token` is.
+    pub(crate) fn detached(token: CancellationToken, container: Arc<Container>) -> Self {
+        ContextParts { token, lifetime: AppLifetime::new(), container, stop_next: None }
     }
 }
 
 impl ServiceContext {
-    pub(crate) fn new(
-        token: CancellationToken,
-        lifetime: AppLifetime,
-        status: StatusHandle,
-        container: Arc<Container>,
-    ) -> Self {
-        Self::chained(token, lifetime, status, container, None)
+    /// The context of the service whose status this is.
+    pub(crate) fn of(status: StatusHandle) -> Self {
+        ServiceContext { status }
     }
 
-    /// As [`new`](Self::new), for a background service whose stop hands on to `stop_next`.
-    pub(crate) fn chained(
-        token: CancellationToken,
-        lifetime: AppLifetime,
-        status: StatusHandle,
-        container: Arc<Container>,
-        stop_next: Option<CancellationToken>,
-    ) -> Self {
-        ServiceContext { inner: Arc::new(ContextInner { token, lifetime, status, container, stop_next }) }
+    fn parts(&self) -> &ContextParts {
+        self.status.context()
     }
 
     /// Called as the service's task ends: during the host's stop, a service that stopped because
     /// it was asked to passes the stop on. Never before the stop (a service ending on its own, or
     /// cancelling its own token, does not stop its neighbour).
     pub(crate) fn pass_stop_on(&self) {
-        if let Some(next) = &self.inner.stop_next
-            && self.inner.token.is_cancelled()
-            && self.inner.lifetime.state() == crate::HostState::Stopping
+        let parts = self.parts();
+        if let Some(next) = &parts.stop_next
+            && parts.token.is_cancelled()
+            && parts.lifetime.state() == crate::HostState::Stopping
         {
             next.cancel();
         }
@@ -155,12 +157,12 @@ impl ServiceContext {
 
     /// A context outside any host, for tests and tools: cancelled when `token` is, with an empty registry.
     pub fn detached(name: impl Into<String>, token: CancellationToken) -> Self {
-        Self::new(token, AppLifetime::new(), StatusHandle::detached(name), Container::empty())
+        Self::of(StatusHandle::detached_with(name.into(), ContextParts::detached(token, Container::empty())))
     }
 
     /// A context outside any host that resolves from `services`, for tests and tools.
     pub fn detached_with(name: impl Into<String>, token: CancellationToken, services: ServiceCollection) -> Self {
-        Self::new(token, AppLifetime::new(), StatusHandle::detached(name), services.into_container())
+        Self::of(StatusHandle::detached_with(name.into(), ContextParts::detached(token, services.into_container())))
     }
 
     /// A fresh scope for one unit of work, for custom loops; close it with [`Scope::close`].
@@ -169,44 +171,44 @@ impl ServiceContext {
     }
 
     pub(crate) fn container(&self) -> &Arc<Container> {
-        &self.inner.container
+        &self.parts().container
     }
 
     /// The service's unique name.
     pub fn name(&self) -> &str {
-        self.inner.status.name()
+        self.status.name()
     }
 
     /// Resolves when this service is asked to stop (its turn in the stop order).
     pub fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
         // The token's own future, not an `async fn` around it: every service that awaits this
         // holds it in its task, and the wrapper would add two words to each.
-        self.inner.token.cancelled()
+        self.parts().token.cancelled()
     }
 
     /// True once this service is asked to stop.
     pub fn is_cancelled(&self) -> bool {
-        self.inner.token.is_cancelled()
+        self.parts().token.is_cancelled()
     }
 
     /// The service's cancellation token, to hand to code that takes one.
     pub fn token(&self) -> &CancellationToken {
-        &self.inner.token
+        &self.parts().token
     }
 
     /// The host's lifetime: await started / stopping / stopped, or request a stop.
     pub fn lifetime(&self) -> &AppLifetime {
-        &self.inner.lifetime
+        &self.parts().lifetime
     }
 
     /// The handle through which the service reports runs and queue figures.
     pub fn status(&self) -> &StatusHandle {
-        &self.inner.status
+        &self.status
     }
 
     /// Records progress for the service's heartbeat (see [`ServiceSpec::heartbeat`]).
     pub fn heartbeat(&self) {
-        self.inner.status.heartbeat()
+        self.status.heartbeat()
     }
 }
 

@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::lifetime::{AppLifetime, HostState};
+use crate::scope::Container;
+use crate::service::ContextParts;
+use tokio_util::sync::CancellationToken;
 
 /// The `metrics` histogram every finished run is recorded in, in seconds, labelled `service`.
 ///
@@ -248,6 +251,9 @@ pub(crate) struct Slot {
     /// conversion would cost more at 10,000 timers; converted when a snapshot is taken.
     next_due: AtomicU64,
     created: Instant,
+    /// The rest of the service's context (token, lifetime, registry), in the same allocation as
+    /// its status: a [`ServiceContext`](crate::ServiceContext) is a handle to this slot.
+    context: ContextParts,
 }
 
 impl std::fmt::Debug for Slot {
@@ -373,6 +379,7 @@ impl StatusHandle {
         kind: &'static str,
         heartbeat_interval: Option<Duration>,
         (wall, now): (SystemTime, Instant),
+        context: ContextParts,
     ) -> Self {
         // A plain service (or the host's own registry) has no runs; every other kind (interval,
         // cron, queue, jobs, consumer, ...) gets its run record now, beside the slot.
@@ -395,13 +402,23 @@ impl StatusHandle {
                 run_duration: OnceLock::new(),
                 next_due: AtomicU64::new(0),
                 created: now,
+                context,
             }),
         }
     }
 
     /// A handle that belongs to no host, for tests and for code run outside a host.
     pub fn detached(name: impl Into<String>) -> Self {
-        Self::new(name.into(), "detached", None, (SystemTime::now(), Instant::now()))
+        let context = ContextParts::detached(CancellationToken::new(), Container::empty());
+        Self::detached_with(name.into(), context)
+    }
+
+    pub(crate) fn detached_with(name: String, context: ContextParts) -> Self {
+        Self::new(name, "detached", None, (SystemTime::now(), Instant::now()), context)
+    }
+
+    pub(crate) fn context(&self) -> &ContextParts {
+        &self.slot.context
     }
 
     /// The service's name.
