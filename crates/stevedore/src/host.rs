@@ -192,12 +192,11 @@ impl HostBuilder {
                 if let Some(control) = extras.control {
                     status.set_control(control);
                 }
-                let ctx = ServiceContext::of(status.clone());
+                let ctx = ServiceContext::of(status);
                 Entry {
                     work: spec.work,
                     ignore_failures: extras.on_failure == OnFailure::Ignore,
                     policy: Policy::from(extras.on_failure),
-                    status,
                     ctx,
                     task: None,
                     stop_task: None,
@@ -208,7 +207,7 @@ impl HostBuilder {
                 }
             })
             .collect();
-        let status = StatusView::new(entries.iter().map(|e| e.status.clone()).collect(), lifetime.clone());
+        let status = StatusView::new(entries.iter().map(|e| e.ctx.status().clone()).collect(), lifetime.clone());
         let parts =
             ContextParts { token: CancellationToken::new(), lifetime: lifetime.clone(), container, stop_next: None };
         let root = ServiceContext::of(StatusHandle::new("singletons".into(), "registry", None, now, parts));
@@ -232,7 +231,7 @@ struct Entry {
     policy: Policy,
     /// Whether its failures are ignored (they then do not count toward the exit code).
     ignore_failures: bool,
-    status: StatusHandle,
+    /// The service's context, and through it its status.
     ctx: ServiceContext,
     task: Option<JoinHandle<()>>,
     /// A start/stop service's running `stop`.
@@ -248,7 +247,7 @@ struct Entry {
 
 impl Entry {
     fn name(&self) -> &str {
-        self.status.name()
+        self.ctx.name()
     }
 }
 
@@ -526,17 +525,17 @@ async fn sleep_or_forever(timeout: Option<Duration>) {
 async fn start_one(entry: &mut Entry, background: Option<&tokio::runtime::Handle>) -> Result<(), StartError> {
     if let Work::Hosted(service) = &entry.work {
         let span = tracing::info_span!("service", service = entry.name());
-        entry.status.set_state(ServiceState::Starting);
+        entry.ctx.status().set_state(ServiceState::Starting);
         tracing::debug!(parent: &span, "starting");
         if let Err(message) = call_caught(service.as_ref(), Hook::Start, &entry.ctx).instrument(span.clone()).await {
-            entry.status.set_failed(ServiceState::Failed, message.clone());
+            entry.ctx.status().set_failed(ServiceState::Failed, message.clone());
             return Err(StartError::Failed { service: entry.name().to_string(), message });
         }
-        entry.status.set_state(ServiceState::Running);
+        entry.ctx.status().set_state(ServiceState::Running);
         tracing::debug!(parent: &span, "started");
     } else if let Work::Background(service) = std::mem::replace(&mut entry.work, Work::Spawned) {
         // Nothing to wait for before `execute` runs in its own task: straight to running.
-        entry.status.set_state(ServiceState::Running);
+        entry.ctx.status().set_state(ServiceState::Running);
         let runtime = if entry.on_host_runtime { None } else { background };
         let policy = std::mem::replace(&mut entry.policy, Policy::StopHost);
         let task = service.spawn_supervised(entry.ctx.clone(), policy, runtime);
@@ -553,7 +552,7 @@ fn begin_stop(entry: &mut Entry, had_time: bool) {
         return;
     }
     entry.had_time = had_time;
-    entry.status.set_state_unless_ended(ServiceState::Stopping);
+    entry.ctx.status().set_state_unless_ended(ServiceState::Stopping);
     entry.ctx.token().cancel();
     if let Work::Hosted(service) = &entry.work {
         let (service, ctx) = (service.clone(), entry.ctx.clone());
@@ -582,10 +581,10 @@ async fn finish_stop(entry: &mut Entry) {
     match failure {
         Some(message) => {
             tracing::error!(service = entry.name(), error = %message, "stop failed");
-            entry.status.set_failed(ServiceState::Failed, format!("stop failed: {message}"));
+            entry.ctx.status().set_failed(ServiceState::Failed, format!("stop failed: {message}"));
         }
         None => {
-            entry.status.set_state_unless_ended(ServiceState::Stopped);
+            entry.ctx.status().set_state_unless_ended(ServiceState::Stopped);
             tracing::debug!(service = entry.name(), "stopped");
         }
     }
@@ -608,7 +607,7 @@ fn abandon(entry: &mut Entry, forced: bool) {
     };
     let name = entry.name().to_string();
     tracing::error!(service = %name, "service `{name}` {why}");
-    entry.status.set_failed(ServiceState::Abandoned, why.to_string());
+    entry.ctx.status().set_failed(ServiceState::Abandoned, why.to_string());
 }
 
 /// Awaits `fut` until the deadline or a forced stop; `None` means it was cut off.
@@ -843,7 +842,7 @@ async fn after_failure(ctx: &ServiceContext, policy: &mut Policy, message: Strin
 }
 
 fn report_of(entry: &Entry) -> ServiceReport {
-    let (name, state, error) = entry.status.outcome();
+    let (name, state, error) = entry.ctx.status().outcome();
     ServiceReport { name, state, error, counts_as_failure: !entry.ignore_failures || state != ServiceState::Failed }
 }
 
