@@ -500,6 +500,10 @@ impl Host {
                 if !entry.had_time {
                     continue;
                 }
+                if entry.task.as_ref().is_some_and(|t| !t.is_finished()) {
+                    // Let the chain of stops run ahead before waiting on this one.
+                    tokio::task::yield_now().await;
+                }
                 tokio::select! {
                     biased;
                     _ = finish_stop(entry) => {}
