@@ -723,8 +723,8 @@ fn spawn_on<F: Future<Output = ()> + Send + 'static>(
 ///
 /// Generic over the service so that `execute`'s future lives inline in the task, held once (pinned
 /// in place, caught by a closure rather than moved into a wrapper). Only the first run is inline:
-/// the failure path and any restart are boxed, so an idle service's task is its own future and
-/// three words more, which keeps the task in a smaller allocation class.
+/// the failure path and any restart are boxed, so an idle service's task is its own future and a
+/// few words more, which keeps the task in tokio's smallest allocation class.
 ///
 /// The context comes in its guard: an `async fn` keeps each argument in a slot of its own, so
 /// wrapping it inside would hold it twice.
