@@ -712,6 +712,7 @@ where
         // task, which is most of what a producer and a quick consumer contend for.
         'taking: loop {
             let mut since_publish = 0u32;
+            let mut yielded = false;
             loop {
                 if s.stopping.load(Ordering::Acquire) {
                     break 'taking;
@@ -730,6 +731,15 @@ where
                     None => match rx.recv_many(&mut batch, BATCH).now_or_never() {
                         Some(n) if n > 0 => {
                             pending.extend(batch.drain(..));
+                            yielded = false;
+                            continue;
+                        }
+                        // Run dry: yield once before publishing and waiting, so that a producer
+                        // ready on this or the other worker can refill the channel meanwhile;
+                        // a worker that parks costs a thread switch and a wake-up.
+                        _ if !yielded => {
+                            yielded = true;
+                            tokio::task::yield_now().await;
                             continue;
                         }
                         _ => break,
