@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::lifetime::{AppLifetime, HostState};
 use crate::scope::Container;
 use crate::service::ContextParts;
-use tokio_util::sync::CancellationToken;
 
 /// The `metrics` histogram every finished run is recorded in, in seconds, labelled `service`.
 ///
