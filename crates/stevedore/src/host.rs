@@ -747,7 +747,8 @@ async fn restarts<T: Execute>(service: T, ctx: &ServiceContext, mut policy: Poli
     }
 }
 
-/// Records a run that ended well and returns `None`, or returns the failure's message.
+/// Records the state of a service whose `execute` ended well (stopped when asked, completed
+/// otherwise) and returns `None`; or returns the failure's message.
 fn failure_of<E: Into<BoxError>>(ctx: &ServiceContext, result: std::thread::Result<Result<(), E>>) -> Option<String> {
     match result {
         Ok(Ok(())) => {
