@@ -393,7 +393,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
             if ctx.is_cancelled() {
                 break;
             }
-            recorded(&ctx, cause, run_handler(&ctx, &svc.handler, svc.timeout)).await;
+            recorded(&ctx, cause, || run_handler(&ctx, &svc.handler, svc.timeout)).await;
             if ctx.is_cancelled() {
                 break;
             }

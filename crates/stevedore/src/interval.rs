@@ -313,7 +313,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                         }
                         next = Tick::new(advance(next.at, period, late + 1), svc.jitter);
                     }
-                    let work = run_handler(&ctx, &svc.handler, svc.timeout);
+                    let work = || run_handler(&ctx, &svc.handler, svc.timeout);
                     let (_, now) = recorded_from(&ctx, cause.as_str(), now, work).await;
                     // Ticks that fell due during the run: skipped, or one kept (unless stopping).
                     if next.due <= now && !ctx.is_cancelled() {
@@ -354,7 +354,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                             }
                         }
                     };
-                    let work = run_handler(&ctx, &svc.handler, svc.timeout);
+                    let work = || run_handler(&ctx, &svc.handler, svc.timeout);
                     let (_, ended) = recorded_from(&ctx, cause.as_str(), Instant::now(), work).await;
                     due = ended + delay + jitter(svc.jitter);
                 }

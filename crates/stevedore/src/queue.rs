@@ -608,7 +608,8 @@ where
     async fn process(&self, ctx: &ServiceContext, task: T) {
         let done = &self.shared.done;
         let in_flight = done.in_flight();
-        let outcome = recorded(ctx, "task", run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {})).await;
+        let outcome =
+            recorded(ctx, "task", || run_payload_handler(ctx, &self.handler, task, self.timeout, |_| {})).await;
         drop(in_flight);
         done.add(outcome);
     }

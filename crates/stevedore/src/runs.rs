@@ -16,10 +16,13 @@ use crate::handler::RunResult;
 use crate::service::ServiceContext;
 use crate::status::{RunOutcome, RunTally, ServiceControl};
 
-/// Runs `work` (a [`run_handler`](crate::handler::run_handler) call, say) as one recorded run: counted
-/// in the status view with its start, duration, outcome and error, inside one `run` span, and
-/// logged when it does not succeed.
-pub(crate) async fn recorded<F>(ctx: &ServiceContext, cause: &'static str, work: F) -> RunOutcome
+/// Runs the future `work()` makes (a [`run_handler`](crate::handler::run_handler) call, say) as one
+/// recorded run: counted in the status view with its start, duration, outcome and error, inside
+/// one `run` span, and logged when it does not succeed.
+///
+/// The future is made here, in place, not passed in: a run's future is hundreds of bytes, and each
+/// move of it is a copy into memory the tick has not touched yet.
+pub(crate) async fn recorded<F>(ctx: &ServiceContext, cause: &'static str, work: impl FnOnce() -> F) -> RunOutcome
 where
     F: Future<Output = RunResult>,
 {
@@ -33,7 +36,7 @@ pub(crate) async fn recorded_from<F>(
     ctx: &ServiceContext,
     cause: &'static str,
     start: Instant,
-    work: F,
+    work: impl FnOnce() -> F,
 ) -> (RunOutcome, Instant)
 where
     F: Future<Output = RunResult>,
@@ -48,6 +51,8 @@ where
         tracing::Span::none()
     };
     // A disabled span (no subscriber wants it) costs nothing to skip; busy queues feel the wrapper.
+    // Either way the run's future has one place in this one.
+    let work = std::pin::pin!(work());
     let result = if span.is_disabled() { work.await } else { work.instrument(span.clone()).await };
     warn_unless_succeeded(ctx, &span, &result);
     let end = Instant::now();
@@ -126,7 +131,7 @@ impl<'a> SequentialRuns<'a> {
             // Someone listens for run spans: each run is recorded on its own.
             self.publish();
             let _waiting = on_wait();
-            return recorded(self.ctx, cause, work()).await;
+            return recorded(self.ctx, cause, work).await;
         }
         let start = self.last_end.take().unwrap_or_else(Tick::now);
         let mut work = std::pin::pin!(work());

@@ -184,7 +184,7 @@ where
 {
     async fn handle(&self, ctx: &ServiceContext, item: T) {
         let svc = &self.0;
-        recorded(ctx, "item", run_payload_handler(ctx, &svc.handler, item, svc.timeout, |_| {})).await;
+        recorded(ctx, "item", || run_payload_handler(ctx, &svc.handler, item, svc.timeout, |_| {})).await;
     }
 }
 
