@@ -2,13 +2,14 @@
 //! loops in the same process, each side on its own 2-thread runtime: tick lateness (mean, p99) and
 //! the process CPU time used over the measured window.
 //!
-//! Lateness is a run's start minus the grid point it runs for: for the bare loops (tokio's burst
-//! policy, every tick runs) the k-th run against `first + k * period`; for Stevedore (ticks it
-//! cannot make are skipped, and counted) against the nearest grid point. Samples go to a 1 µs histogram shared by every timer of a side; the window
-//! starts one period after every timer has started.
+//! Lateness is a run's start minus the grid point it runs for, on the earliest grid every run of the
+//! timer so far fits: the bare loops (tokio's burst policy, every tick runs) are so measured against
+//! their k-th point, and Stevedore (ticks it cannot make are skipped, and counted) against the one it
+//! runs for. Both sides measure with the same code, kept inline in each timer's state. Samples go
+//! to a 1 µs histogram shared by every timer of a side; the window starts one period after every
+//! timer has started.
 
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ const PERIOD: Duration = Duration::from_millis(100);
 const BUCKETS: usize = 200_000;
 
 struct Histogram {
+    /// Timers' grids are kept as offsets from this instant, taken before any timer starts.
+    epoch: Instant,
     buckets: Vec<AtomicU64>,
     sum_us: AtomicU64,
     count: AtomicU64,
@@ -30,6 +33,7 @@ struct Histogram {
 impl Histogram {
     fn new() -> Self {
         Histogram {
+            epoch: Instant::now(),
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             sum_us: AtomicU64::new(0),
             count: AtomicU64::new(0),
@@ -66,47 +70,43 @@ impl Histogram {
     }
 }
 
-/// One timer's grid: its first tick and how many ticks it has had.
+/// One timer's grid, kept inline in the timer's own state on both sides (the bare loop's future,
+/// the Stevedore handler closure), so that measuring costs both sides the same.
 #[derive(Default)]
 struct Grid {
-    first: OnceLock<Instant>,
-    k: AtomicU64,
-    anchor: std::sync::Mutex<Option<Instant>>,
+    /// The grid's origin: nanoseconds after the histogram's epoch, plus one (0: no run yet). Only
+    /// the timer's own task touches it, one run at a time: plain loads and stores.
+    origin: AtomicU64,
+}
+
+impl Clone for Grid {
+    fn clone(&self) -> Self {
+        Grid { origin: AtomicU64::new(self.origin.load(Ordering::Relaxed)) }
+    }
 }
 
 impl Grid {
-    /// For a timer that skips ticks it cannot make (Stevedore's default policy): lateness against
-    /// the nearest grid point (the skipped ones are counted apart). The grid is the earliest one the
-    /// runs fit, as the first run may itself start a little after the timer's own grid origin.
-    fn tick_on_grid(&self, hist: &Histogram) {
-        let now = Instant::now();
-        let mut anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(origin) = *anchor else {
-            *anchor = Some(now);
+    /// Records this run's lateness against the nearest point of the earliest grid every run so far
+    /// fits: the first run starts the grid, and a run earlier than its point moves the grid back
+    /// (the first run was itself late). The k-th run of a timer that runs every tick (the bare
+    /// loops, tokio's burst policy) is so measured against its k-th point, and a timer that skips
+    /// the ticks it cannot make (Stevedore's default, the skips counted apart) against the point it
+    /// runs for, not charged a whole period for each skipped one.
+    fn tick(&self, hist: &Histogram) {
+        let now = Instant::now().saturating_duration_since(hist.epoch).as_nanos() as u64;
+        let Some(origin) = self.origin.load(Ordering::Relaxed).checked_sub(1) else {
+            self.origin.store(now + 1, Ordering::Relaxed);
             hist.record(Duration::ZERO);
             return;
         };
-        let since = now.saturating_duration_since(origin).as_nanos();
-        let period = PERIOD.as_nanos();
-        let k = ((since + period / 2) / period) as u32;
-        let due = origin + PERIOD * k;
+        let period = PERIOD.as_nanos() as u64;
+        let due = origin + (now.saturating_sub(origin) + period / 2) / period * period;
         if now < due {
-            // Earlier than the grid assumed: the grid starts earlier than the first run.
-            *anchor = Some(origin - (due - now));
+            self.origin.store(origin - (due - now) + 1, Ordering::Relaxed);
             hist.record(Duration::ZERO);
         } else {
-            hist.record(now - due);
+            hist.record(Duration::from_nanos(now - due));
         }
-    }
-
-    /// For a timer that runs every tick, however late (tokio's default burst policy): lateness of the
-    /// k-th run against the k-th grid point.
-    fn tick(&self, hist: &Histogram) {
-        let now = Instant::now();
-        let first = *self.first.get_or_init(|| now);
-        let k = self.k.fetch_add(1, Ordering::Relaxed);
-        let due = first + PERIOD * k as u32;
-        hist.record(now.saturating_duration_since(due));
     }
 }
 
@@ -173,9 +173,9 @@ fn stevedore(n: usize, window: Duration) -> ((f64, f64, f64), u64) {
     rt.block_on(async {
         let mut builder = Host::builder().handle_signals(false).read_env(false).start_concurrently(true);
         for i in 0..n {
-            let (hist, grid) = (hist.clone(), Arc::new(Grid::default()));
+            let (hist, grid) = (hist.clone(), Grid::default());
             let handler = move || {
-                grid.tick_on_grid(&hist);
+                grid.tick(&hist);
                 async { Ok::<_, BoxError>(()) }
             };
             builder = builder.add(IntervalService::fixed_rate(format!("timer-{i}"), PERIOD, handler).into_spec());
