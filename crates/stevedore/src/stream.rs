@@ -186,6 +186,22 @@ where
         let svc = &self.0;
         recorded(ctx, "item", || run_payload_handler(ctx, &svc.handler, item, svc.timeout, |_| {})).await;
     }
+
+    /// Handles each item in turn until the stream ends or the service is stopped.
+    async fn consume(&self, ctx: &ServiceContext, stream: impl Stream<Item = T>) {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = ctx.cancelled() => break,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(item) => self.handle(ctx, item).await,
+                None => break,
+            }
+        }
+    }
 }
 
 impl<T, S, F, H, Args> BackgroundService for Runner<T, F, H, Args>
@@ -198,33 +214,10 @@ where
 {
     async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
         match &self.0.source {
-            Source::Factory(make) => {
-                let mut stream = std::pin::pin!(make(&ctx));
-                loop {
-                    let item = tokio::select! {
-                        biased;
-                        _ = ctx.cancelled() => break,
-                        item = stream.next() => item,
-                    };
-                    match item {
-                        Some(item) => self.handle(&ctx, item).await,
-                        None => break,
-                    }
-                }
-            }
+            Source::Factory(make) => self.consume(&ctx, make(&ctx)).await,
             Source::Receiver(rx) => {
                 let mut rx = rx.lock().await;
-                loop {
-                    let item = tokio::select! {
-                        biased;
-                        _ = ctx.cancelled() => break,
-                        item = rx.recv() => item,
-                    };
-                    match item {
-                        Some(item) => self.handle(&ctx, item).await,
-                        None => break,
-                    }
-                }
+                self.consume(&ctx, futures_util::stream::poll_fn(|cx| rx.poll_recv(cx))).await;
             }
         }
         Ok(())
