@@ -79,7 +79,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BoxError;
-use crate::handler::{PayloadHandler, run_payload_handler, run_payload_handler_in};
+use crate::handler::{PayloadHandler, run_payload_handler, run_payload_handler_reusing};
 use crate::runs::{SequentialRuns, recorded};
 use crate::scope::Scope;
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
@@ -625,12 +625,7 @@ where
         task: T,
     ) {
         let done = &self.shared.done;
-        let work = || async {
-            let scope = spare_scope.take().unwrap_or_else(|| ctx.create_scope());
-            let (result, unused) = run_payload_handler_in(scope, &self.handler, task, self.timeout).await;
-            *spare_scope = unused;
-            result
-        };
+        let work = || run_payload_handler_reusing(ctx, spare_scope, &self.handler, task, self.timeout);
         let outcome = runs
             .run("task", work, || {
                 unpublished.publish(done);

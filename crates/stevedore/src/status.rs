@@ -59,7 +59,12 @@ impl ServiceState {
 }
 
 /// How one run (a tick, a queued task, a job) ended.
+///
+/// A word wide, not a byte: a run's result moves through several futures, and beside a one-byte
+/// tag the compiler copied seven bytes of padding in overlapping pieces, which stalled the CPU's
+/// store forwarding on a quick queue's path (`BENCHMARKS.md`, sixth session).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u64)]
 pub enum RunOutcome {
     /// It returned success.
     Succeeded,
