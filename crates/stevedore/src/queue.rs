@@ -708,7 +708,7 @@ where
         // task, which is most of what a producer and a quick consumer contend for.
         'taking: loop {
             let mut since_publish = 0u32;
-            let mut yielded = false;
+            let mut yields = 0u32;
             loop {
                 if s.stopping.load(Ordering::Acquire) {
                     break 'taking;
@@ -727,14 +727,14 @@ where
                     None => match rx.recv_many(&mut batch, BATCH).now_or_never() {
                         Some(n) if n > 0 => {
                             pending.extend(batch.drain(..));
-                            yielded = false;
+                            yields = 0;
                             continue;
                         }
-                        // Run dry: yield once before publishing and waiting, so that a producer
-                        // ready on this or the other worker can refill the channel meanwhile;
-                        // a worker that parks costs a thread switch and a wake-up.
-                        _ if !yielded => {
-                            yielded = true;
+                        // Run dry: yield a few times before publishing and waiting, so that a
+                        // producer ready on this or the other worker can refill the channel
+                        // meanwhile; a worker that parks costs a thread switch and a wake-up.
+                        _ if yields < DRY_YIELDS => {
+                            yields += 1;
                             tokio::task::yield_now().await;
                             continue;
                         }
@@ -822,6 +822,13 @@ where
         Ok(())
     }
 }
+
+/// How many times a queue that ran dry yields to the scheduler before it waits. One was enough on
+/// an Intel guest; on an AMD guest, where a parked worker's wake-up costs more, eight took a
+/// quick producer's sequential queue from 0.72-1.53x a bare channel loop to 1.00-1.37x, with a
+/// quarter of the thread switches (`BENCHMARKS.md`, sixth session). The yields follow a wake-up
+/// or a run of work; an idle queue waits without polling.
+const DRY_YIELDS: u32 = 8;
 
 /// What ended a queue's wait for work.
 enum Woken {
