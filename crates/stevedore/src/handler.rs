@@ -249,7 +249,7 @@ pub async fn run_payload_handler<T, Args, H: PayloadHandler<T, Args>>(
 /// [`run_payload_handler`] in the scope kept in `spare` (made there if empty), left there for the
 /// caller's next run (a sequential queue's next task) when nothing was made in it or attached to
 /// it, and taken and ended otherwise. The scope stays in place: moving it into and out of each
-/// run costs a quick task a tenth of its time.
+/// run stalled a quick queue's loop on every task (`BENCHMARKS.md`, sixth session).
 pub(crate) async fn run_payload_handler_reusing<T, Args, H: PayloadHandler<T, Args>>(
     ctx: &ServiceContext,
     spare: &mut Option<Scope>,
