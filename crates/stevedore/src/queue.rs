@@ -90,6 +90,13 @@ const BATCH: usize = 64;
 /// How often a busy queue refreshes its figures in the status view, in tasks.
 const PUBLISH_EVERY: u32 = 256;
 
+/// How many times a queue that ran dry yields to the scheduler before it waits. One was enough on
+/// an Intel guest; on an AMD guest, where a parked worker's wake-up costs more, eight took a
+/// quick producer's sequential queue from 0.72-1.53x a bare channel loop to 1.00-1.37x, with a
+/// quarter of the thread switches (`BENCHMARKS.md`, sixth session). The yields follow a wake-up
+/// or a run of work; an idle queue waits without polling.
+const DRY_YIELDS: u32 = 8;
+
 /// What happens to the tasks still waiting when the queue stops.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnStop {
@@ -822,13 +829,6 @@ where
         Ok(())
     }
 }
-
-/// How many times a queue that ran dry yields to the scheduler before it waits. One was enough on
-/// an Intel guest; on an AMD guest, where a parked worker's wake-up costs more, eight took a
-/// quick producer's sequential queue from 0.72-1.53x a bare channel loop to 1.00-1.37x, with a
-/// quarter of the thread switches (`BENCHMARKS.md`, sixth session). The yields follow a wake-up
-/// or a run of work; an idle queue waits without polling.
-const DRY_YIELDS: u32 = 8;
 
 /// What ended a queue's wait for work.
 enum Woken {
