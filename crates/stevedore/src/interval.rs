@@ -62,7 +62,7 @@ use tokio::time::Instant;
 
 use crate::error::BoxError;
 use crate::handler::{Handler, run_handler};
-use crate::runs::{StoppedOnDrop, TriggerHandle, jitter, recorded_from};
+use crate::runs::{StopWatch, StoppedOnDrop, TriggerHandle, Woken, jitter, recorded_from, wait};
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
 
 /// What to do with ticks that fall while a run is still going (fixed rate only).
@@ -265,15 +265,17 @@ fn advance(at: Instant, period: Duration, n: u64) -> Instant {
 
 impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
     async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
-        let svc = &self.0;
+        let svc: &IntervalService<H, Args> = &self.0;
         svc.trigger.set_stopped(false);
         let _stopped = StoppedOnDrop(&svc.trigger);
         let status = ctx.status();
         let start = Instant::now();
         // One cancellation waiter and one timer for the service's life, re-armed each tick: creating
-        // and dropping them per tick takes locks, which shows at thousands of timers.
+        // and dropping them per tick takes locks, which shows at thousands of timers. The waiter is
+        // polled only when the stop has fired (see `wait`).
         let cancelled = ctx.token().cancelled();
         tokio::pin!(cancelled);
+        let mut watch = StopWatch::default();
         // Boxed, not pinned in this (large) future: the timer wheel walks every timer due at a
         // tick, and small timers allocated side by side as the services start make that walk touch
         // far less memory than timers a task's size apart (a third of the wheel's cost at 10,000).
@@ -292,14 +294,13 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                         if sleep.deadline() != next.due {
                             sleep.as_mut().reset(next.due);
                         }
-                        // The timer first: at a tick the cancellation (whose check takes a lock) is
-                        // not polled at all; it is, whenever the wait goes on.
-                        tokio::select! {
-                            biased;
-                            _ = &mut sleep => Cause::Tick,
-                            _ = &mut cancelled => break,
-                            _ = svc.trigger.notified() => {
-                                if !svc.trigger.take() { continue; }
+                        match wait(sleep.as_mut(), cancelled.as_mut(), &svc.trigger, &mut watch).await {
+                            Woken::Due => Cause::Tick,
+                            Woken::Stop => break,
+                            Woken::Trigger => {
+                                if !svc.trigger.take() {
+                                    continue;
+                                }
                                 Cause::Trigger
                             }
                         }
@@ -342,14 +343,13 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                         if sleep.deadline() != due {
                             sleep.as_mut().reset(due);
                         }
-                        // The timer first: at a tick the cancellation (whose check takes a lock) is
-                        // not polled at all; it is, whenever the wait goes on.
-                        tokio::select! {
-                            biased;
-                            _ = &mut sleep => Cause::Tick,
-                            _ = &mut cancelled => break,
-                            _ = svc.trigger.notified() => {
-                                if !svc.trigger.take() { continue; }
+                        match wait(sleep.as_mut(), cancelled.as_mut(), &svc.trigger, &mut watch).await {
+                            Woken::Due => Cause::Tick,
+                            Woken::Stop => break,
+                            Woken::Trigger => {
+                                if !svc.trigger.take() {
+                                    continue;
+                                }
                                 Cause::Trigger
                             }
                         }

@@ -265,6 +265,28 @@ async fn the_hosts_stop_cancels_the_run_in_progress() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_during_a_run_that_ignores_it_ends_the_timer_as_the_run_ends() {
+    // The stop fires while the run sleeps and does not look at it: the timer must see it as the run
+    // ends, not at its next tick a minute later, and run no more. The first run is a second in, so
+    // that the timer has waited (and so watched for the stop) before it.
+    for cadence in ["fixed rate", "fixed delay"] {
+        let starts = Starts::new();
+        let handler = timed(&starts, |_| secs(5));
+        let timer = match cadence {
+            "fixed rate" => IntervalService::fixed_rate("deaf", secs(60), handler),
+            _ => IntervalService::fixed_delay("deaf", secs(60), handler),
+        };
+        let host = builder().add(timer.initial_delay(secs(1)).into_spec()).build().unwrap();
+        let t0 = Instant::now();
+        let (report, status) = run_for(host, secs(2)).await;
+        assert!(report.is_clean(), "{cadence}: {}", report.summary());
+        assert_eq!(t0.elapsed(), secs(6), "{cadence}: the host stopped as the run ended");
+        assert_eq!(starts.get(), vec![1.0], "{cadence}");
+        assert_eq!(status.service("deaf").unwrap().runs.succeeded, 1, "{cadence}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn each_run_gets_a_fresh_scope() {
     use stevedore::{Scoped, ServiceCollection};
     struct RunId(u32);
