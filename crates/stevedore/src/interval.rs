@@ -297,12 +297,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                         match wait(sleep.as_mut(), cancelled.as_mut(), &svc.trigger, &mut watch).await {
                             Woken::Due => Cause::Tick,
                             Woken::Stop => break,
-                            Woken::Trigger => {
-                                if !svc.trigger.take() {
-                                    continue;
-                                }
-                                Cause::Trigger
-                            }
+                            Woken::Trigger => Cause::Trigger,
                         }
                     };
                     let now = Instant::now();
@@ -346,12 +341,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                         match wait(sleep.as_mut(), cancelled.as_mut(), &svc.trigger, &mut watch).await {
                             Woken::Due => Cause::Tick,
                             Woken::Stop => break,
-                            Woken::Trigger => {
-                                if !svc.trigger.take() {
-                                    continue;
-                                }
-                                Cause::Trigger
-                            }
+                            Woken::Trigger => Cause::Trigger,
                         }
                     };
                     let work = || run_handler(&ctx, &svc.handler, svc.timeout);

@@ -265,7 +265,7 @@ impl TriggerHandle {
 pub(crate) enum Woken {
     /// The timer fired.
     Due,
-    /// A trigger is pending (take it with [`TriggerHandle::take`]).
+    /// A trigger was pending, and is now taken.
     Trigger,
     /// The service is asked to stop.
     Stop,
@@ -304,7 +304,7 @@ pub(crate) fn wait<'a>(
                 return Poll::Ready(Woken::Stop);
             }
         }
-        if inner.pending.load(Ordering::Acquire) { Poll::Ready(Woken::Trigger) } else { Poll::Pending }
+        if trigger.take() { Poll::Ready(Woken::Trigger) } else { Poll::Pending }
     })
 }
 
