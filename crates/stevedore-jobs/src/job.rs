@@ -318,7 +318,30 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
-    pub(crate) fn add(&mut self, state: JobState, due: bool, count: u64) {
+    /// Both stores' `stats`, from what they read: job counts by queue, state and whether they are
+    /// due (`(queue, state, due, count)`), and each known queue's pause flag. A queue named by
+    /// either shows up, in order of name.
+    pub(crate) fn tally(
+        counts: Vec<(String, String, bool, i64)>,
+        pause_flags: Vec<(String, bool)>,
+    ) -> Result<Vec<QueueStats>, JobError> {
+        let mut by_queue: std::collections::BTreeMap<String, QueueStats> = Default::default();
+        for (queue, state, due, count) in counts {
+            let state = JobState::from_str(&state)?;
+            by_queue.entry(queue.clone()).or_insert_with(|| QueueStats { queue, ..QueueStats::default() }).add(
+                state,
+                due,
+                count.max(0) as u64,
+            );
+        }
+        for (queue, paused) in pause_flags {
+            by_queue.entry(queue.clone()).or_insert_with(|| QueueStats { queue, ..QueueStats::default() }).paused =
+                paused;
+        }
+        Ok(by_queue.into_values().collect())
+    }
+
+    fn add(&mut self, state: JobState, due: bool, count: u64) {
         match state {
             JobState::Available if due => self.available += count,
             JobState::Available => self.scheduled += count,

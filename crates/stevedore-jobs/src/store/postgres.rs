@@ -12,7 +12,7 @@
 //! only makes the jobs concerned run again (at-least-once holds); enqueues, in the store or in
 //! the caller's transaction, keep the database's durability setting.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -625,34 +625,18 @@ impl JobStore for PostgresStore {
 
     async fn stats(&self) -> Result<Vec<QueueStats>, JobError> {
         let pool = &self.inner.pool;
-        let rows = sqlx::query(
+        let counts = sqlx::query_as(
             "SELECT queue, state, (state <> 'available' OR scheduled_at <= now()) AS due, count(*) \
              FROM stevedore_jobs GROUP BY 1, 2, 3",
         )
         .fetch_all(pool)
         .await
         .map_err(JobError::db("count jobs"))?;
-        let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
-        for row in rows {
-            let err = || JobError::db("count jobs");
-            let queue: String = row.try_get(0).map_err(err())?;
-            let state: String = row.try_get(1).map_err(err())?;
-            let due: bool = row.try_get(2).map_err(err())?;
-            let count: i64 = row.try_get(3).map_err(err())?;
-            let entry = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats { queue, ..QueueStats::default() });
-            entry.add(JobState::from_str(&state)?, due, count.max(0) as u64);
-        }
-        let paused: Vec<(String, bool)> = sqlx::query_as("SELECT name, paused FROM stevedore_queues")
+        let pause_flags = sqlx::query_as("SELECT name, paused FROM stevedore_queues")
             .fetch_all(pool)
             .await
             .map_err(JobError::db("read queue flags"))?;
-        for (name, paused) in paused {
-            by_queue
-                .entry(name.clone())
-                .or_insert_with(|| QueueStats { queue: name, ..QueueStats::default() })
-                .paused = paused;
-        }
-        Ok(by_queue.into_values().collect())
+        QueueStats::tally(counts, pause_flags)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<JobRecord>, JobError> {

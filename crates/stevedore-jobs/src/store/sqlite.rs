@@ -8,7 +8,6 @@
 //! may lose the last transactions. WAL checkpoints run in a background task every 500 ms
 //! rather than inside a commit, which keeps their fsync out of enqueue and fetch latency.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -564,7 +563,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Vec<QueueStats>, JobError> {
-        let rows: Vec<(String, String, bool, i64)> = sqlx::query_as(
+        let counts = sqlx::query_as(
             "SELECT queue, state, (state <> 'available' OR scheduled_at <= ?1) AS due, count(*) \
              FROM stevedore_jobs GROUP BY 1, 2, 3",
         )
@@ -572,22 +571,11 @@ impl JobStore for SqliteStore {
         .fetch_all(&self.inner.reader)
         .await
         .map_err(JobError::db("count jobs"))?;
-        let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
-        for (queue, state, due, count) in rows {
-            let entry = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats { queue, ..QueueStats::default() });
-            entry.add(JobState::from_str(&state)?, due, count.max(0) as u64);
-        }
-        let paused: Vec<(String, bool)> = sqlx::query_as("SELECT name, paused FROM stevedore_queues")
+        let pause_flags = sqlx::query_as("SELECT name, paused FROM stevedore_queues")
             .fetch_all(&self.inner.reader)
             .await
             .map_err(JobError::db("read queue flags"))?;
-        for (name, paused) in paused {
-            by_queue
-                .entry(name.clone())
-                .or_insert_with(|| QueueStats { queue: name, ..QueueStats::default() })
-                .paused = paused;
-        }
-        Ok(by_queue.into_values().collect())
+        QueueStats::tally(counts, pause_flags)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<JobRecord>, JobError> {
