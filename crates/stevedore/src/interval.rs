@@ -265,6 +265,8 @@ fn advance(at: Instant, period: Duration, n: u64) -> Instant {
 
 impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
     async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
+        // The settings themselves, not the `Arc` around them: a tick then reads them with one load
+        // from this future's state instead of two dependent ones.
         let svc: &IntervalService<H, Args> = &self.0;
         svc.trigger.set_stopped(false);
         let _stopped = StoppedOnDrop(&svc.trigger);
