@@ -238,7 +238,7 @@ impl TriggerHandle {
 
     /// Takes a pending trigger.
     pub(crate) fn take(&self) -> bool {
-        self.inner.pending.load(Ordering::Acquire) && self.inner.pending.swap(false, Ordering::AcqRel)
+        take_flag(&self.inner.pending)
     }
 
     /// Resolves when a trigger is pending (take it with [`take`](Self::take)).
@@ -258,6 +258,12 @@ impl TriggerHandle {
             self.inner.stop_woken.store(false, Ordering::Release);
         }
     }
+}
+
+/// Lowers `flag` and says whether it was up; a plain read first, so that a flag that is down (the
+/// usual case, at every tick) costs no locked instruction.
+fn take_flag(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Acquire) && flag.swap(false, Ordering::AcqRel)
 }
 
 /// What ended a [`wait`].
@@ -297,8 +303,7 @@ pub(crate) fn wait<'a>(
         let inner = &trigger.inner;
         // Registered before the flags are read: a trigger or stop after the reads wakes this waker.
         inner.waker.register(cx.waker());
-        let stop_woken = inner.stop_woken.load(Ordering::Acquire) && inner.stop_woken.swap(false, Ordering::AcqRel);
-        if watch.waker.is_none() || stop_woken {
+        if watch.waker.is_none() || take_flag(&inner.stop_woken) {
             let waker = watch.waker.get_or_insert_with(|| Waker::from(inner.clone()));
             if stop.as_mut().poll(&mut Context::from_waker(waker)).is_ready() {
                 return Poll::Ready(Woken::Stop);
