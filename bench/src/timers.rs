@@ -12,6 +12,8 @@
 //! The timers start within a few milliseconds of each other, so each period opens with a burst of
 //! wake-ups, and the p99 is mostly the wait at the back of that queue: `peak_due_per_ms` says how
 //! many timers share the busiest millisecond, and `p99_ratio` compares the two sides in the same run.
+//! Two floor sides, 100 timers each with one due per millisecond, measure the lateness that is left
+//! with no queue at all: tokio's timer granularity.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,8 +80,16 @@ impl Histogram {
         self.sum_us.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0
     }
     fn p99_ms(&self) -> f64 {
+        self.quantile_ms(0.99)
+    }
+    /// p50 to p99.9 in one line, ms.
+    fn quantiles(&self) -> String {
+        let qs = [50.0, 90.0, 95.0, 99.0, 99.9];
+        qs.map(|q| format!("p{q} {:.2}", self.quantile_ms(q / 100.0))).join(", ")
+    }
+    fn quantile_ms(&self, q: f64) -> f64 {
         let n = self.count.load(Ordering::Relaxed);
-        let target = (n as f64 * 0.99).ceil() as u64;
+        let target = (n as f64 * q).ceil() as u64;
         let mut seen = 0;
         for (us, b) in self.buckets.iter().enumerate() {
             seen += b.load(Ordering::Relaxed);
@@ -151,6 +161,8 @@ fn runtime() -> tokio::runtime::Runtime {
 struct Measured {
     mean_ms: f64,
     p99_ms: f64,
+    /// The lateness quantiles, for the profile line.
+    quantiles: String,
     cpu_s: f64,
     /// The most timers due in one millisecond.
     peak_per_ms: u64,
@@ -166,22 +178,40 @@ async fn measure(hist: &Histogram, window: Duration) -> Measured {
     Measured {
         mean_ms: hist.mean_ms(),
         p99_ms: hist.p99_ms(),
+        quantiles: hist.quantiles(),
         cpu_s: used.as_secs_f64(),
         peak_per_ms: hist.peak_per_ms(),
     }
 }
 
-fn baseline(n: usize, window: Duration) -> Measured {
+/// How the timers' first ticks are placed: all at once (the scenario), or one every `PERIOD / n`
+/// (the floor: no two due in the same millisecond, so no queue of wake-ups at all).
+#[derive(Clone, Copy)]
+enum Start {
+    Together,
+    Staggered,
+}
+
+impl Start {
+    fn offset(self, i: usize, n: usize) -> Duration {
+        match self {
+            Start::Together => Duration::ZERO,
+            Start::Staggered => PERIOD * i as u32 / n as u32,
+        }
+    }
+}
+
+fn baseline(n: usize, window: Duration, start: Start) -> Measured {
     let rt = runtime();
     let hist = Arc::new(Histogram::new());
     rt.block_on(async {
         let stop = tokio_util::sync::CancellationToken::new();
         let mut tasks = Vec::with_capacity(n);
-        for _ in 0..n {
+        for i in 0..n {
             let (hist, stop) = (hist.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let grid = Grid::default();
-                let mut interval = tokio::time::interval(PERIOD);
+                let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + start.offset(i, n), PERIOD);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -203,7 +233,7 @@ fn baseline(n: usize, window: Duration) -> Measured {
     })
 }
 
-fn stevedore(n: usize, window: Duration) -> (Measured, u64) {
+fn stevedore(n: usize, window: Duration, start: Start) -> (Measured, u64) {
     let rt = runtime();
     let hist = Arc::new(Histogram::new());
     rt.block_on(async {
@@ -214,7 +244,9 @@ fn stevedore(n: usize, window: Duration) -> (Measured, u64) {
                 grid.tick(&hist);
                 async { Ok::<_, BoxError>(()) }
             };
-            builder = builder.add(IntervalService::fixed_rate(format!("timer-{i}"), PERIOD, handler).into_spec());
+            let service =
+                IntervalService::fixed_rate(format!("timer-{i}"), PERIOD, handler).initial_delay(start.offset(i, n));
+            builder = builder.add(service.into_spec());
         }
         let host = builder.build().expect("valid host");
         let host_status = host.status();
@@ -231,21 +263,33 @@ fn stevedore(n: usize, window: Duration) -> (Measured, u64) {
     })
 }
 
+/// Timers in each floor side: one due every millisecond of the period, never two.
+const FLOOR_TIMERS: usize = 100;
+
 pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     let window = Duration::from_secs(seconds);
     if let Ok(side) = std::env::var("STEVEDORE_BENCH_TIMERS_PROFILE") {
-        // Profiling aid: one side alone (`baseline`, or anything else for Stevedore's).
-        let (m, skipped) = if side == "baseline" { (baseline(n, window), 0) } else { stevedore(n, window) };
+        // Profiling aid: one side alone: `baseline`, `floor`, `baseline-floor`, or anything else
+        // for Stevedore's.
+        let (m, skipped) = match side.as_str() {
+            "baseline" => (baseline(n, window, Start::Together), 0),
+            "baseline-floor" => (baseline(FLOOR_TIMERS, window, Start::Staggered), 0),
+            "floor" => stevedore(FLOOR_TIMERS, window, Start::Staggered),
+            _ => stevedore(n, window, Start::Together),
+        };
         println!(
             "mean {:.3} ms, p99 {:.3} ms, cpu {:.2} s, skipped {skipped}, peak {} due in 1 ms",
             m.mean_ms, m.p99_ms, m.cpu_s, m.peak_per_ms
         );
+        println!("lateness {}", m.quantiles);
         std::process::exit(0);
     }
-    let mut cols: [Vec<f64>; 10] = Default::default();
+    let mut cols: [Vec<f64>; 12] = Default::default();
     for _ in 0..runs {
-        let base = baseline(n, window);
-        let (ours, skipped) = stevedore(n, window);
+        let base = baseline(n, window, Start::Together);
+        let (ours, skipped) = stevedore(n, window, Start::Together);
+        let base_floor = baseline(FLOOR_TIMERS, window, Start::Staggered);
+        let (floor, _) = stevedore(FLOOR_TIMERS, window, Start::Staggered);
         for (col, value) in cols.iter_mut().zip([
             base.mean_ms,
             base.p99_ms,
@@ -257,11 +301,14 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
             ours.peak_per_ms as f64,
             skipped as f64,
             ours.p99_ms / base.p99_ms.max(f64::EPSILON),
+            base_floor.p99_ms,
+            floor.p99_ms,
         ]) {
             col.push(value);
         }
     }
-    let [base_mean, base_p99, base_cpu, base_peak, mean, p99, cpu, peak, skipped, p99_ratio] = cols.map(median);
+    let [base_mean, base_p99, base_cpu, base_peak, mean, p99, cpu, peak, skipped, p99_ratio, base_floor, floor] =
+        cols.map(median);
     let mut f =
         Figures::new(format!("timers: {n} timers at {PERIOD:?} for {seconds} s, 2 worker threads (median of {runs})"));
     f.add("p99_lateness_ms", p99, "Stevedore interval services: p99 tick lateness, ms");
@@ -273,9 +320,20 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     f.add("peak_due_per_ms", peak, "Stevedore: the most timers due in one millisecond of the period");
     f.add("baseline_peak_due_per_ms", base_peak, "bare loops: the most timers due in one millisecond");
     f.add("skipped_ticks", skipped, "Stevedore: ticks skipped in the window (woken more than a period late)");
+    f.add(
+        "floor_p99_lateness_ms",
+        floor,
+        format!("{FLOOR_TIMERS} Stevedore interval services, one due per millisecond: p99 tick lateness, ms"),
+    );
+    f.add(
+        "baseline_floor_p99_lateness_ms",
+        base_floor,
+        format!("{FLOOR_TIMERS} bare loops, one due per millisecond: p99 tick lateness, ms"),
+    );
     f.add("cpu_s", cpu, "Stevedore: process CPU seconds over the window");
     f.add("baseline_cpu_s", base_cpu, "bare loops: process CPU seconds over the window");
     f.note("Each Stevedore tick is a full run: fresh scope, span, panic guard and status record.");
     f.note("The timers start within a few milliseconds, so each period opens with a burst of wake-ups: the p99 is the wait at the back of that queue, and grows with the cost of one tick.");
+    f.note("The floor sides have no queue at all: their lateness is tokio's timer granularity. tokio rounds a deadline up to the end of its millisecond, so even a timer alone on its runtime wakes up to 1 ms late (a worker that parks mid-millisecond sleeps whole milliseconds from the start of it, which can add up to 1 ms more).");
     f
 }
