@@ -13,7 +13,8 @@
 //! wake-ups, and the p99 is mostly the wait at the back of that queue: `peak_due_per_ms` says how
 //! many timers share the busiest millisecond, and `p99_ratio` compares the two sides in the same run.
 //! Two floor sides, 100 timers each with one due per millisecond, measure the lateness that is left
-//! with no queue at all: tokio's timer granularity.
+//! with no queue at all: tokio's timer granularity. Two spread sides run all the timers with their
+//! first runs staggered evenly over the period, as a host whose timers do not share a phase sees.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -269,11 +270,14 @@ const FLOOR_TIMERS: usize = 100;
 pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     let window = Duration::from_secs(seconds);
     if let Ok(side) = std::env::var("STEVEDORE_BENCH_TIMERS_PROFILE") {
-        // Profiling aid: one side alone: `baseline`, `floor`, `baseline-floor`, or anything else
+        // Profiling aid: one side alone: `baseline`, `floor`, `baseline-floor`, `spread` and
+        // `baseline-spread` (all the timers, staggered evenly over the period), or anything else
         // for Stevedore's.
         let (m, skipped) = match side.as_str() {
             "baseline" => (baseline(n, window, Start::Together), 0),
             "baseline-floor" => (baseline(FLOOR_TIMERS, window, Start::Staggered), 0),
+            "baseline-spread" => (baseline(n, window, Start::Staggered), 0),
+            "spread" => stevedore(n, window, Start::Staggered),
             "floor" => stevedore(FLOOR_TIMERS, window, Start::Staggered),
             _ => stevedore(n, window, Start::Together),
         };
@@ -284,12 +288,14 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
         println!("lateness {}", m.quantiles);
         std::process::exit(0);
     }
-    let mut cols: [Vec<f64>; 12] = Default::default();
+    let mut cols: [Vec<f64>; 16] = Default::default();
     for _ in 0..runs {
         let base = baseline(n, window, Start::Together);
         let (ours, skipped) = stevedore(n, window, Start::Together);
         let base_floor = baseline(FLOOR_TIMERS, window, Start::Staggered);
         let (floor, _) = stevedore(FLOOR_TIMERS, window, Start::Staggered);
+        let base_spread = baseline(n, window, Start::Staggered);
+        let (spread, _) = stevedore(n, window, Start::Staggered);
         for (col, value) in cols.iter_mut().zip([
             base.mean_ms,
             base.p99_ms,
@@ -303,12 +309,32 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
             ours.p99_ms / base.p99_ms.max(f64::EPSILON),
             base_floor.p99_ms,
             floor.p99_ms,
+            base_spread.p99_ms,
+            base_spread.cpu_s,
+            spread.p99_ms,
+            spread.cpu_s,
         ]) {
             col.push(value);
         }
     }
-    let [base_mean, base_p99, base_cpu, base_peak, mean, p99, cpu, peak, skipped, p99_ratio, base_floor, floor] =
-        cols.map(median);
+    let [
+        base_mean,
+        base_p99,
+        base_cpu,
+        base_peak,
+        mean,
+        p99,
+        cpu,
+        peak,
+        skipped,
+        p99_ratio,
+        base_floor,
+        floor,
+        base_spread,
+        base_spread_cpu,
+        spread,
+        spread_cpu,
+    ] = cols.map(median);
     let mut f =
         Figures::new(format!("timers: {n} timers at {PERIOD:?} for {seconds} s, 2 worker threads (median of {runs})"));
     f.add("p99_lateness_ms", p99, "Stevedore interval services: p99 tick lateness, ms");
@@ -330,10 +356,26 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
         base_floor,
         format!("{FLOOR_TIMERS} bare loops, one due per millisecond: p99 tick lateness, ms"),
     );
+    f.add(
+        "spread_p99_lateness_ms",
+        spread,
+        format!("{n} Stevedore interval services, first runs staggered evenly over the period: p99 tick lateness, ms"),
+    );
+    f.add(
+        "baseline_spread_p99_lateness_ms",
+        base_spread,
+        format!("{n} bare loops, staggered the same way: p99 tick lateness, ms"),
+    );
+    f.add(
+        "spread_cpu_ratio",
+        spread_cpu / base_spread_cpu.max(f64::EPSILON),
+        "staggered: Stevedore CPU time over the bare loops'",
+    );
     f.add("cpu_s", cpu, "Stevedore: process CPU seconds over the window");
     f.add("baseline_cpu_s", base_cpu, "bare loops: process CPU seconds over the window");
     f.note("Each Stevedore tick is a full run: fresh scope, span, panic guard and status record.");
     f.note("The timers start within a few milliseconds, so each period opens with a burst of wake-ups: the p99 is the wait at the back of that queue, and grows with the cost of one tick.");
+    f.note("The spread sides run the same timers with their first runs staggered evenly over the period (about 100 due in each millisecond): the gap between their p99 and the scenario's is what the burst's queue costs.");
     f.note("The floor sides have no queue at all: their lateness is tokio's timer granularity. tokio rounds a deadline up to the end of its millisecond, so even a timer alone on its runtime wakes up to 1 ms late (a worker that parks mid-millisecond sleeps whole milliseconds from the start of it, which can add up to 1 ms more).");
     f
 }
