@@ -289,53 +289,32 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
         println!("lateness {}", m.quantiles);
         std::process::exit(0);
     }
-    let mut cols: [Vec<f64>; 16] = Default::default();
+    // Each side's measurements, run by run; the figures are their medians.
+    let (mut bases, mut ours, mut base_floors, mut floors, mut base_spreads, mut spreads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut skips, mut p99_ratios) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let base = baseline(n, window, Start::Together);
-        let (ours, skipped) = stevedore(n, window, Start::Together);
-        let base_floor = baseline(FLOOR_TIMERS, window, Start::Staggered);
-        let (floor, _) = stevedore(FLOOR_TIMERS, window, Start::Staggered);
-        let base_spread = baseline(n, window, Start::Staggered);
-        let (spread, _) = stevedore(n, window, Start::Staggered);
-        for (col, value) in cols.iter_mut().zip([
-            base.mean_ms,
-            base.p99_ms,
-            base.cpu_s,
-            base.peak_per_ms as f64,
-            ours.mean_ms,
-            ours.p99_ms,
-            ours.cpu_s,
-            ours.peak_per_ms as f64,
-            skipped as f64,
-            ours.p99_ms / base.p99_ms.max(f64::EPSILON),
-            base_floor.p99_ms,
-            floor.p99_ms,
-            base_spread.p99_ms,
-            base_spread.cpu_s,
-            spread.p99_ms,
-            spread.cpu_s,
-        ]) {
-            col.push(value);
-        }
+        let (our, skipped) = stevedore(n, window, Start::Together);
+        p99_ratios.push(our.p99_ms / base.p99_ms.max(f64::EPSILON));
+        skips.push(skipped as f64);
+        bases.push(base);
+        ours.push(our);
+        base_floors.push(baseline(FLOOR_TIMERS, window, Start::Staggered));
+        floors.push(stevedore(FLOOR_TIMERS, window, Start::Staggered).0);
+        base_spreads.push(baseline(n, window, Start::Staggered));
+        spreads.push(stevedore(n, window, Start::Staggered).0);
     }
-    let [
-        base_mean,
-        base_p99,
-        base_cpu,
-        base_peak,
-        mean,
-        p99,
-        cpu,
-        peak,
-        skipped,
-        p99_ratio,
-        base_floor,
-        floor,
-        base_spread,
-        base_spread_cpu,
-        spread,
-        spread_cpu,
-    ] = cols.map(median);
+    let med = |side: &[Measured], figure: fn(&Measured) -> f64| median(side.iter().map(figure).collect());
+    let (mean, p99, cpu) = (med(&ours, |m| m.mean_ms), med(&ours, |m| m.p99_ms), med(&ours, |m| m.cpu_s));
+    let peak = med(&ours, |m| m.peak_per_ms as f64);
+    let (base_mean, base_p99, base_cpu) =
+        (med(&bases, |m| m.mean_ms), med(&bases, |m| m.p99_ms), med(&bases, |m| m.cpu_s));
+    let base_peak = med(&bases, |m| m.peak_per_ms as f64);
+    let (floor, base_floor) = (med(&floors, |m| m.p99_ms), med(&base_floors, |m| m.p99_ms));
+    let (spread, base_spread) = (med(&spreads, |m| m.p99_ms), med(&base_spreads, |m| m.p99_ms));
+    let (spread_cpu, base_spread_cpu) = (med(&spreads, |m| m.cpu_s), med(&base_spreads, |m| m.cpu_s));
+    let (skipped, p99_ratio) = (median(skips), median(p99_ratios));
     let mut f =
         Figures::new(format!("timers: {n} timers at {PERIOD:?} for {seconds} s, 2 worker threads (median of {runs})"));
     f.add("p99_lateness_ms", p99, "Stevedore interval services: p99 tick lateness, ms");
