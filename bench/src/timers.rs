@@ -25,7 +25,31 @@ use stevedore::{BoxError, Host};
 
 use crate::report::{Figures, median};
 
+/// The period.
 const PERIOD: Duration = Duration::from_millis(100);
+
+/// The period the timers run at: [`PERIOD`], unless `STEVEDORE_BENCH_TIMERS_PERIOD_MS` says
+/// otherwise. That is for counting cache misses under cachegrind, which runs some fifty times
+/// slower: at 100 ms every tick would then be late, and the catch-up path would be measured instead
+/// (`BENCHMARKS.md`, ninth session).
+fn period() -> Duration {
+    static SET: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| env_number("STEVEDORE_BENCH_TIMERS_PERIOD_MS").map_or(PERIOD, Duration::from_millis))
+}
+
+/// Each side's worker threads: 2, or `STEVEDORE_BENCH_TIMERS_WORKERS` (1 under cachegrind, so that
+/// the heap is laid out the same way from one run to the next).
+fn workers() -> usize {
+    env_number("STEVEDORE_BENCH_TIMERS_WORKERS").map_or(2, |n| n.max(1) as usize)
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    match value.parse() {
+        Ok(n) => Some(n),
+        Err(_) => panic!("{name} must be a whole number, not {value:?}"),
+    }
+}
 /// Histogram range: lateness past this is counted in the last bucket.
 const BUCKETS: usize = 200_000;
 /// Where in the period the timers' first runs fall, in steps of 0.1 ms.
@@ -34,6 +58,7 @@ const PHASE_STEPS: usize = 1_000;
 struct Histogram {
     /// Timers' grids are kept as offsets from this instant, taken before any timer starts.
     epoch: Instant,
+    period: Duration,
     buckets: Vec<AtomicU64>,
     sum_us: AtomicU64,
     count: AtomicU64,
@@ -46,6 +71,7 @@ impl Histogram {
     fn new() -> Self {
         Histogram {
             epoch: Instant::now(),
+            period: period(),
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             sum_us: AtomicU64::new(0),
             count: AtomicU64::new(0),
@@ -59,14 +85,14 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
     fn record_phase(&self, since_epoch: Duration) {
-        let step = PERIOD / PHASE_STEPS as u32;
+        let step = period() / PHASE_STEPS as u32;
         let at = (since_epoch.as_nanos() / step.as_nanos()) as usize % PHASE_STEPS;
         self.phases[at].fetch_add(1, Ordering::Relaxed);
     }
     /// The most timers whose grid points fall in one millisecond of the period.
     fn peak_per_ms(&self) -> u64 {
         let steps: Vec<u64> = self.phases.iter().map(|p| p.load(Ordering::Relaxed)).collect();
-        let per_ms = PHASE_STEPS / PERIOD.as_millis() as usize;
+        let per_ms = (PHASE_STEPS / period().as_millis().max(1) as usize).max(1);
         (0..PHASE_STEPS).map(|i| (0..per_ms).map(|k| steps[(i + k) % PHASE_STEPS]).sum()).max().unwrap_or(0)
     }
     fn reset(&self) {
@@ -132,7 +158,9 @@ impl Grid {
             hist.record(Duration::ZERO);
             return;
         };
-        let period = PERIOD.as_nanos() as u64;
+        // A constant divisor at the period, as before the period could be set: the same
+        // code on both sides either way, but no slower at the headline.
+        let period = if hist.period == PERIOD { PERIOD.as_nanos() as u64 } else { hist.period.as_nanos() as u64 };
         let due = origin + (now.saturating_sub(origin) + period / 2) / period * period;
         if now < due {
             self.origin.store(origin - (due - now) + 1, Ordering::Relaxed);
@@ -155,7 +183,7 @@ fn cpu_time() -> Duration {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(workers()).enable_all().build().expect("runtime")
 }
 
 /// One side's figures over the window.
@@ -171,7 +199,7 @@ struct Measured {
 
 /// Waits one period, resets the histogram, then measures `window`.
 async fn measure(hist: &Histogram, window: Duration) -> Measured {
-    tokio::time::sleep(PERIOD).await;
+    tokio::time::sleep(period()).await;
     hist.reset();
     let cpu = cpu_time();
     tokio::time::sleep(window).await;
@@ -198,7 +226,7 @@ impl Start {
     fn offset(self, i: usize, n: usize) -> Duration {
         match self {
             Start::Together => Duration::ZERO,
-            Start::Staggered => PERIOD * i as u32 / n as u32,
+            Start::Staggered => period() * i as u32 / n as u32,
         }
     }
 }
@@ -213,7 +241,7 @@ fn baseline(n: usize, window: Duration, start: Start) -> Measured {
             let (hist, stop) = (hist.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let grid = Grid::default();
-                let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + start.offset(i, n), PERIOD);
+                let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + start.offset(i, n), period());
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -247,7 +275,7 @@ fn stevedore(n: usize, window: Duration, start: Start) -> (Measured, u64) {
                 async { Ok::<_, BoxError>(()) }
             };
             let service =
-                IntervalService::fixed_rate(format!("timer-{i}"), PERIOD, handler).initial_delay(start.offset(i, n));
+                IntervalService::fixed_rate(format!("timer-{i}"), period(), handler).initial_delay(start.offset(i, n));
             builder = builder.add(service.into_spec());
         }
         let host = builder.build().expect("valid host");
@@ -273,7 +301,8 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     if let Ok(side) = std::env::var("STEVEDORE_BENCH_TIMERS_PROFILE") {
         // Profiling aid: one side alone: `baseline`, `floor`, `baseline-floor`, `spread` and
         // `baseline-spread` (all the timers, staggered evenly over the period), or anything else
-        // for Stevedore's.
+        // for Stevedore's. With `STEVEDORE_BENCH_TIMERS_PERIOD_MS` and `_WORKERS`, it is what
+        // cachegrind runs to count cache misses per tick (`BENCHMARKS.md`, ninth session).
         let (m, skipped) = match side.as_str() {
             "baseline" => (baseline(n, window, Start::Together), 0),
             "baseline-floor" => (baseline(FLOOR_TIMERS, window, Start::Staggered), 0),
@@ -315,8 +344,11 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     let (spread, base_spread) = (med(&spreads, |m| m.p99_ms), med(&base_spreads, |m| m.p99_ms));
     let (spread_cpu, base_spread_cpu) = (med(&spreads, |m| m.cpu_s), med(&base_spreads, |m| m.cpu_s));
     let (skipped, p99_ratio) = (median(skips), median(p99_ratios));
-    let mut f =
-        Figures::new(format!("timers: {n} timers at {PERIOD:?} for {seconds} s, 2 worker threads (median of {runs})"));
+    let mut f = Figures::new(format!(
+        "timers: {n} timers at {:?} for {seconds} s, {} worker threads (median of {runs})",
+        period(),
+        workers()
+    ));
     f.add("p99_lateness_ms", p99, "Stevedore interval services: p99 tick lateness, ms");
     f.add("cpu_ratio", cpu / base_cpu.max(f64::EPSILON), "Stevedore CPU time over the bare loops'");
     f.add("mean_lateness_ms", mean, "Stevedore: mean tick lateness, ms");
