@@ -50,6 +50,7 @@ fn env_number(name: &str) -> Option<u64> {
         Err(_) => panic!("{name} must be a whole number, not {value:?}"),
     }
 }
+
 /// Histogram range: lateness past this is counted in the last bucket.
 const BUCKETS: usize = 200_000;
 /// Where in the period the timers' first runs fall, in steps of 0.1 ms.
@@ -85,14 +86,14 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
     fn record_phase(&self, since_epoch: Duration) {
-        let step = period() / PHASE_STEPS as u32;
+        let step = self.period / PHASE_STEPS as u32;
         let at = (since_epoch.as_nanos() / step.as_nanos()) as usize % PHASE_STEPS;
         self.phases[at].fetch_add(1, Ordering::Relaxed);
     }
     /// The most timers whose grid points fall in one millisecond of the period.
     fn peak_per_ms(&self) -> u64 {
         let steps: Vec<u64> = self.phases.iter().map(|p| p.load(Ordering::Relaxed)).collect();
-        let per_ms = (PHASE_STEPS / period().as_millis().max(1) as usize).max(1);
+        let per_ms = (PHASE_STEPS / self.period.as_millis().max(1) as usize).max(1);
         (0..PHASE_STEPS).map(|i| (0..per_ms).map(|k| steps[(i + k) % PHASE_STEPS]).sum()).max().unwrap_or(0)
     }
     fn reset(&self) {
