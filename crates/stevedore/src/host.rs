@@ -726,12 +726,16 @@ fn spawn_on<F: Future<Output = ()> + Send + 'static>(
 /// the failure path and any restart are boxed, so an idle service's task is its own future and a
 /// few words more, which keeps the task in tokio's smallest allocation class.
 ///
-/// The context comes in its guard: an `async fn` keeps each argument in a slot of its own, so
-/// wrapping it inside would hold it twice.
-async fn supervise<T: Execute>(service: T, ctx: PassStopOn, policy: Policy) {
-    let result = caught(std::pin::pin!(service.run(ctx.0.clone()))).await;
-    if let Some(message) = failure_of(&ctx.0, result) {
-        Box::pin(restarts(service, &ctx.0, policy, message)).await;
+/// A plain `fn` around an `async move` block, not an `async fn`: an `async fn`'s state keeps its
+/// arguments twice, as it was called with them and as the body's own bindings (32 bytes here, at
+/// the head of every service's task). The context comes in its guard for the same reason.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+fn supervise<T: Execute>(service: T, ctx: PassStopOn, policy: Policy) -> impl Future<Output = ()> + Send {
+    async move {
+        let result = caught(std::pin::pin!(service.run(ctx.0.clone()))).await;
+        if let Some(message) = failure_of(&ctx.0, result) {
+            Box::pin(restarts(service, &ctx.0, policy, message)).await;
+        }
     }
 }
 
@@ -861,7 +865,7 @@ mod tests {
     use super::*;
 
     /// tokio allocates a task in 128-byte steps: with this future inline, an idle closure service's
-    /// task takes 256 bytes, as a bare task awaiting a token does. 8 bytes more would make it 384.
+    /// task takes 256 bytes, as a bare task awaiting a token does. The bound is where it would take 384.
     #[test]
     fn an_idle_closure_service_fits_the_smallest_task_allocation() {
         let service = crate::service::FnService(|ctx: ServiceContext| async move {
@@ -874,6 +878,25 @@ mod tests {
             std::mem::size_of_val(&supervisor) <= 152,
             "the supervisor of an idle closure service grew to {} bytes",
             std::mem::size_of_val(&supervisor)
+        );
+    }
+
+    /// The supervisor's own share of a service's task: its three arguments once (the context, the
+    /// policy, the service), the catch's one pointer and its state's tag; not the arguments again.
+    #[test]
+    fn a_supervisor_holds_its_arguments_once() {
+        let idle = |ctx: ServiceContext| async move {
+            ctx.cancelled().await;
+            Ok::<_, BoxError>(())
+        };
+        let ctx = ServiceContext::detached("idle", CancellationToken::new());
+        let service_future = std::mem::size_of_val(&idle(ctx.clone()));
+        let own = std::mem::size_of::<ServiceContext>() + std::mem::size_of::<Policy>() + 8 + 8;
+        let supervisor = supervise(crate::service::FnService(idle), PassStopOn(ctx), Policy::StopHost);
+        assert!(
+            std::mem::size_of_val(&supervisor) <= service_future + own,
+            "the supervisor takes {} bytes around a service future of {service_future}, more than {own}",
+            std::mem::size_of_val(&supervisor) - service_future
         );
     }
 }
