@@ -93,9 +93,65 @@ const PUBLISH_EVERY: u32 = 256;
 /// How many times a queue that ran dry yields to the scheduler before it waits. One was enough on
 /// an Intel guest; on an AMD guest, where a parked worker's wake-up costs more, eight took a
 /// quick producer's sequential queue from 0.72-1.53x a bare channel loop to 1.00-1.37x, with a
-/// quarter of the thread switches (`BENCHMARKS.md`, sixth session). The yields follow a wake-up
+/// quarter of the thread switches (`BENCHMARKS.md`, sixth session); a sequential queue yields only
+/// while [`DrySpin`] measures it faster than waiting. The yields follow a wake-up
 /// or a run of work; an idle queue waits without polling.
 const DRY_YIELDS: u32 = 8;
+
+/// Whether a sequential queue that ran dry spins (yields [`DRY_YIELDS`] times) or waits at once,
+/// chosen by measuring both.
+///
+/// Spinning keeps the queue's loop on its own worker, so every task crosses from the producer's
+/// core to the loop's. Where that hand-off is cheap, spinning is faster (1.04x a bare channel loop
+/// against 0.76x waiting, on one guest); where it is dear, waiting is, because the woken loop then
+/// runs on the producer's worker (0.90x against 0.33x on the same guest, in another state;
+/// `BENCHMARKS.md`, tenth session). So the loop times one epoch of each now and then and keeps the
+/// faster, preferring to wait (it leaves a core free) unless spinning is clearly ahead. A queue
+/// whose producer is the slower side measures the same either way, and so waits.
+#[derive(Debug)]
+struct DrySpin {
+    spin: bool,
+    /// The epoch this is in the cycle: the first two are the trials, spinning then waiting.
+    epoch: u32,
+    /// How long the spinning trial took.
+    spin_took: Option<Duration>,
+}
+
+/// Tasks in an epoch: long enough to outlast a migration between workers, short enough that a
+/// cycle's trials are a small share of a busy queue's time.
+const SPIN_EPOCH_TASKS: u32 = 4096;
+/// Epochs in a cycle: two trials, then the winner for the rest.
+const SPIN_CYCLE: u32 = 128;
+
+impl DrySpin {
+    fn new() -> Self {
+        DrySpin { spin: true, epoch: 0, spin_took: None }
+    }
+
+    /// How many times to yield before waiting, in this epoch.
+    fn yields(&self) -> u32 {
+        if self.spin { DRY_YIELDS } else { 0 }
+    }
+
+    /// An epoch of [`SPIN_EPOCH_TASKS`] tasks ended, taking `took`.
+    fn epoch_ended(&mut self, took: Duration) {
+        match self.epoch {
+            0 => {
+                self.spin_took = Some(took);
+                self.spin = false;
+            }
+            1 => {
+                // Spinning keeps both cores busy: it has to win by a clear margin.
+                self.spin = self.spin_took.is_some_and(|spun| spun.mul_f64(1.1) < took);
+            }
+            _ => {}
+        }
+        self.epoch = (self.epoch + 1) % SPIN_CYCLE;
+        if self.epoch == 0 {
+            self.spin = true;
+        }
+    }
+}
 
 /// What happens to the tasks still waiting when the queue stops.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -701,6 +757,10 @@ where
         // Taken from the channel in a batch, not started yet; they go first, and back at the stop.
         let mut pending: VecDeque<T> = VecDeque::new();
         let mut batch = Vec::with_capacity(BATCH);
+        // A sequential queue chooses by measurement whether to spin when dry; one with tasks at
+        // once always spins (it measured faster in both of a guest's states).
+        let mut dry_spin = DrySpin::new();
+        let (mut epoch_tasks, mut epoch_began) = (0u32, None::<quanta::Instant>);
         // A sequential queue's runs and outcomes, published in bulk (see `SequentialRuns`).
         let mut runs = SequentialRuns::new(&ctx);
         let mut unpublished = Unpublished::default();
@@ -740,7 +800,7 @@ where
                         // Run dry: yield a few times before publishing and waiting, so that a
                         // producer ready on this or the other worker can refill the channel
                         // meanwhile; a worker that parks costs a thread switch and a wake-up.
-                        _ if yields < DRY_YIELDS => {
+                        _ if yields < (if limit == 1 { dry_spin.yields() } else { DRY_YIELDS }) => {
                             yields += 1;
                             tokio::task::yield_now().await;
                             continue;
@@ -750,6 +810,14 @@ where
                 };
                 if limit == 1 {
                     self.process_in_turn(&ctx, &mut runs, &mut unpublished, &mut spare_scope, task).await;
+                    epoch_tasks += 1;
+                    if epoch_tasks >= SPIN_EPOCH_TASKS {
+                        epoch_tasks = 0;
+                        let now = quanta::Instant::now();
+                        if let Some(began) = epoch_began.replace(now) {
+                            dry_spin.epoch_ended(now.duration_since(began));
+                        }
+                    }
                     if runs.publish_due() {
                         runs.publish();
                         unpublished.publish(&s.done);
@@ -869,5 +937,50 @@ async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Runs a whole cycle with the given trial times; returns the choice after the trials and
+    /// the yields asked for at each epoch of the cycle.
+    fn cycle(spin: &mut DrySpin, spin_took: Duration, wait_took: Duration) -> Vec<u32> {
+        let mut yields = Vec::new();
+        for epoch in 0..SPIN_CYCLE {
+            yields.push(spin.yields());
+            let took = match epoch {
+                0 => spin_took,
+                1 => wait_took,
+                _ => MS,
+            };
+            spin.epoch_ended(took);
+        }
+        yields
+    }
+
+    #[test]
+    fn a_dry_queue_spins_for_the_cycle_when_spinning_measured_clearly_faster() {
+        let mut spin = DrySpin::new();
+        let yields = cycle(&mut spin, 10 * MS, 14 * MS);
+        assert_eq!(yields[0], DRY_YIELDS, "the first trial spins");
+        assert_eq!(yields[1], 0, "the second trial waits at once");
+        assert!(yields[2..].iter().all(|&y| y == DRY_YIELDS), "spinning won: {yields:?}");
+        assert_eq!(spin.yields(), DRY_YIELDS, "the next cycle starts with the spinning trial");
+    }
+
+    #[test]
+    fn a_dry_queue_waits_for_the_cycle_unless_spinning_wins_by_a_tenth() {
+        let mut spin = DrySpin::new();
+        // Spinning 5% faster is not enough: it keeps a second core busy.
+        let yields = cycle(&mut spin, 100 * MS, 105 * MS);
+        assert!(yields[2..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
+        // Spinning three times slower (the hand-off between cores is dear): waiting, of course.
+        let yields = cycle(&mut spin, 30 * MS, 10 * MS);
+        assert_eq!(yields[0], DRY_YIELDS, "each cycle tries spinning again");
+        assert!(yields[2..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
     }
 }
