@@ -101,13 +101,13 @@ const DRY_YIELDS: u32 = 8;
 /// Whether a sequential queue that ran dry spins (yields [`DRY_YIELDS`] times) or waits at once,
 /// chosen by measuring both.
 ///
-/// Spinning keeps the queue's loop on its own worker, so every task crosses from the producer's
-/// core to the loop's. Where that hand-off is cheap, spinning is faster (1.04x a bare channel loop
-/// against 0.76x waiting, on one guest); where it is dear, waiting is, because the woken loop then
-/// runs on the producer's worker (0.90x against 0.33x on the same guest, in another state;
-/// `BENCHMARKS.md`, tenth session). So the loop times one epoch of each now and then and keeps the
-/// faster, preferring to wait (it leaves a core free) unless spinning is clearly ahead. A queue
-/// whose producer is the slower side measures the same either way, and so waits.
+/// Spinning keeps the queue's loop on its own worker, apart from the producer; waiting lets the
+/// wake-up bring it onto the producer's worker. Which is faster depends on the machine, and one
+/// guest changed its mind from minute to minute: spinning read 1.04x a bare channel loop against
+/// 0.76x for waiting, then 0.33x against 0.90x (`BENCHMARKS.md`, tenth session). So the loop
+/// times one epoch of each now and then and keeps the faster, preferring to wait (it leaves a core
+/// free) unless spinning is clearly ahead. A queue whose producer is the slower side measures the
+/// same either way, and so waits.
 #[derive(Debug)]
 struct DrySpin {
     spin: bool,
@@ -946,8 +946,7 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Runs a whole cycle with the given trial times; returns the choice after the trials and
-    /// the yields asked for at each epoch of the cycle.
+    /// Runs a whole cycle with the given trial times; returns the yields asked for at each epoch.
     fn cycle(spin: &mut DrySpin, spin_took: Duration, wait_took: Duration) -> Vec<u32> {
         let mut yields = Vec::new();
         for epoch in 0..SPIN_CYCLE {
