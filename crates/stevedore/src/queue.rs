@@ -111,6 +111,12 @@ const DRY_YIELDS: u32 = 8;
 #[derive(Debug)]
 struct DrySpin {
     spin: bool,
+    /// False for a queue with tasks at once: it always spins (that measured faster in both of the
+    /// guest's states).
+    measured: bool,
+    /// Tasks run in this epoch, and when it began (the first epoch only starts the clock).
+    tasks: u32,
+    began: Option<quanta::Instant>,
     /// The epoch this is in the cycle: the first two are the trials, spinning then waiting.
     epoch: u32,
     /// How long the spinning trial took.
@@ -124,8 +130,24 @@ const SPIN_EPOCH_TASKS: u32 = 4096;
 const SPIN_CYCLE: u32 = 128;
 
 impl DrySpin {
-    fn new() -> Self {
-        DrySpin { spin: true, epoch: 0, spin_took: None }
+    /// Measured for a sequential queue (`concurrency` 1), always spinning otherwise.
+    fn new(concurrency: usize) -> Self {
+        DrySpin { spin: true, measured: concurrency == 1, tasks: 0, began: None, epoch: 0, spin_took: None }
+    }
+
+    /// A task ended: counts it, and ends the epoch at its last task.
+    fn task_ended(&mut self) {
+        if !self.measured {
+            return;
+        }
+        self.tasks += 1;
+        if self.tasks >= SPIN_EPOCH_TASKS {
+            self.tasks = 0;
+            let now = quanta::Instant::now();
+            if let Some(began) = self.began.replace(now) {
+                self.epoch_ended(now.duration_since(began));
+            }
+        }
     }
 
     /// How many times to yield before waiting, in this epoch.
@@ -757,10 +779,8 @@ where
         // Taken from the channel in a batch, not started yet; they go first, and back at the stop.
         let mut pending: VecDeque<T> = VecDeque::new();
         let mut batch = Vec::with_capacity(BATCH);
-        // A sequential queue chooses by measurement whether to spin when dry; one with tasks at
-        // once always spins (it measured faster in both of a guest's states).
-        let mut dry_spin = DrySpin::new();
-        let (mut epoch_tasks, mut epoch_began) = (0u32, None::<quanta::Instant>);
+        // Whether to spin when dry: measured for a sequential queue, always for the others.
+        let mut dry_spin = DrySpin::new(limit);
         // A sequential queue's runs and outcomes, published in bulk (see `SequentialRuns`).
         let mut runs = SequentialRuns::new(&ctx);
         let mut unpublished = Unpublished::default();
@@ -800,7 +820,7 @@ where
                         // Run dry: yield a few times before publishing and waiting, so that a
                         // producer ready on this or the other worker can refill the channel
                         // meanwhile; a worker that parks costs a thread switch and a wake-up.
-                        _ if yields < (if limit == 1 { dry_spin.yields() } else { DRY_YIELDS }) => {
+                        _ if yields < dry_spin.yields() => {
                             yields += 1;
                             tokio::task::yield_now().await;
                             continue;
@@ -810,14 +830,7 @@ where
                 };
                 if limit == 1 {
                     self.process_in_turn(&ctx, &mut runs, &mut unpublished, &mut spare_scope, task).await;
-                    epoch_tasks += 1;
-                    if epoch_tasks >= SPIN_EPOCH_TASKS {
-                        epoch_tasks = 0;
-                        let now = quanta::Instant::now();
-                        if let Some(began) = epoch_began.replace(now) {
-                            dry_spin.epoch_ended(now.duration_since(began));
-                        }
-                    }
+                    dry_spin.task_ended();
                     if runs.publish_due() {
                         runs.publish();
                         unpublished.publish(&s.done);
@@ -963,7 +976,7 @@ mod tests {
 
     #[test]
     fn a_dry_queue_spins_for_the_cycle_when_spinning_measured_clearly_faster() {
-        let mut spin = DrySpin::new();
+        let mut spin = DrySpin::new(1);
         let yields = cycle(&mut spin, 10 * MS, 14 * MS);
         assert_eq!(yields[0], DRY_YIELDS, "the first trial spins");
         assert_eq!(yields[1], 0, "the second trial waits at once");
@@ -972,8 +985,17 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_with_tasks_at_once_always_spins() {
+        let mut spin = DrySpin::new(64);
+        for _ in 0..3 * SPIN_EPOCH_TASKS {
+            spin.task_ended();
+        }
+        assert_eq!((spin.yields(), spin.epoch), (DRY_YIELDS, 0), "no trials for a concurrent queue");
+    }
+
+    #[test]
     fn a_dry_queue_waits_for_the_cycle_unless_spinning_wins_by_a_tenth() {
-        let mut spin = DrySpin::new();
+        let mut spin = DrySpin::new(1);
         // Spinning 5% faster is not enough: it keeps a second core busy.
         let yields = cycle(&mut spin, 100 * MS, 105 * MS);
         assert!(yields[2..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
