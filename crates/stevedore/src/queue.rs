@@ -105,11 +105,19 @@ const DRY_YIELDS: u32 = 8;
 /// wake-up bring it onto the producer's worker. Which is faster depends on the machine, and one
 /// guest changed its mind from minute to minute: spinning read 1.04x a bare channel loop against
 /// 0.76x for waiting, then 0.33x against 0.90x (`BENCHMARKS.md`, tenth session). So the loop
-/// times one epoch of each now and then and keeps the faster, preferring to wait (it leaves a core
-/// free) unless spinning is clearly ahead. A queue whose producer is the slower side measures the
-/// same either way, and so waits.
+/// tries each for two epochs, times the second (the first lets the loop settle where that way puts
+/// it), and keeps the faster, preferring to wait (it leaves a core free) unless spinning is clearly
+/// ahead. A queue whose producer is the slower side measures the same either
+/// way, and so waits.
+///
+/// One trial can still mislead (a stretch in which the whole machine is slow, or in which waiting
+/// happens to run as fast as spinning), and a choice held for a whole cycle at two-thirds of the
+/// speed is dear (`BENCHMARKS.md`, eleventh session). So the choice is tried again early when it gets
+/// slower than its own best by a quarter for two epochs in a row; an early trial that confirms
+/// the choice doubles the wait before the next one, so a noisy machine does not trial for ever.
 #[derive(Debug)]
 struct DrySpin {
+    /// Whether this epoch spins: the choice, or the trial under way.
     spin: bool,
     /// False for a queue with tasks at once: it always spins (that measured faster in both of the
     /// guest's states).
@@ -117,22 +125,49 @@ struct DrySpin {
     /// Tasks run in this epoch, and when it began (the first epoch only starts the clock).
     tasks: u32,
     began: Option<quanta::Instant>,
-    /// The epoch this is in the cycle: the first two are the trials, spinning then waiting.
+    /// Epochs since the last trial began: the first four are the trials, two spinning then two
+    /// waiting, the second of each timed.
     epoch: u32,
     /// How long the spinning trial took.
     spin_took: Option<Duration>,
+    /// The quickest epoch of the choice since its trial: what it does at its best.
+    best: Duration,
+    /// Epochs in a row slower than `best` by a quarter.
+    slow_epochs: u32,
+    /// Epochs after a trial before slow epochs may call the next one early.
+    patience: u32,
+    /// Whether the trial under way was called early, by slow epochs.
+    early: bool,
+    /// The choice before the trial under way.
+    chosen: bool,
 }
 
 /// Tasks in an epoch: long enough to outlast a migration between workers, short enough that a
 /// cycle's trials are a small share of a busy queue's time.
 const SPIN_EPOCH_TASKS: u32 = 4096;
-/// Epochs in a cycle: two trials, then the winner for the rest.
+/// Epochs in a cycle: the trials, then the winner for the rest.
 const SPIN_CYCLE: u32 = 128;
+/// The least patience: epochs after a trial before slow epochs may call another.
+const SPIN_PATIENCE: u32 = 8;
+/// Slow epochs in a row that call a trial early.
+const SLOW_EPOCHS: u32 = 2;
 
 impl DrySpin {
     /// Measured for a sequential queue (`concurrency` 1), always spinning otherwise.
     fn new(concurrency: usize) -> Self {
-        DrySpin { spin: true, measured: concurrency == 1, tasks: 0, began: None, epoch: 0, spin_took: None }
+        DrySpin {
+            spin: true,
+            measured: concurrency == 1,
+            tasks: 0,
+            began: None,
+            epoch: 0,
+            spin_took: None,
+            best: Duration::MAX,
+            slow_epochs: 0,
+            patience: SPIN_PATIENCE,
+            early: false,
+            chosen: true,
+        }
     }
 
     /// A task ended: counts it, and ends the epoch at its last task.
@@ -157,19 +192,38 @@ impl DrySpin {
 
     /// An epoch of [`SPIN_EPOCH_TASKS`] tasks ended, taking `took`.
     fn epoch_ended(&mut self, took: Duration) {
+        // Each trial's first epoch lets the loop settle where the way under trial puts it; the
+        // second is timed.
         match self.epoch {
-            0 => {
+            0 | 2 => {}
+            1 => {
                 self.spin_took = Some(took);
                 self.spin = false;
             }
-            1 => {
+            3 => {
                 // Spinning keeps both cores busy: it has to win by a clear margin.
-                self.spin = self.spin_took.is_some_and(|spun| spun.mul_f64(1.1) < took);
+                let spin = self.spin_took.is_some_and(|spun| spun.mul_f64(1.1) < took);
+                self.patience = match (self.early, spin == self.chosen) {
+                    (true, true) => (self.patience * 2).min(SPIN_CYCLE),
+                    (_, false) => SPIN_PATIENCE,
+                    (false, true) => self.patience,
+                };
+                self.spin = spin;
+                self.best = if spin { self.spin_took.unwrap_or(took) } else { took };
+                self.slow_epochs = 0;
             }
-            _ => {}
+            _ => {
+                self.best = self.best.min(took);
+                let slow = took > self.best.saturating_add(self.best / 4);
+                self.slow_epochs = if slow { self.slow_epochs + 1 } else { 0 };
+            }
         }
-        self.epoch = (self.epoch + 1) % SPIN_CYCLE;
-        if self.epoch == 0 {
+        self.epoch += 1;
+        let early = self.epoch >= self.patience && self.slow_epochs >= SLOW_EPOCHS;
+        if self.epoch >= SPIN_CYCLE || early {
+            self.early = early;
+            self.epoch = 0;
+            self.chosen = self.spin;
             self.spin = true;
         }
     }
@@ -965,8 +1019,8 @@ mod tests {
         for epoch in 0..SPIN_CYCLE {
             yields.push(spin.yields());
             let took = match epoch {
-                0 => spin_took,
-                1 => wait_took,
+                1 => spin_took,
+                3 => wait_took,
                 _ => MS,
             };
             spin.epoch_ended(took);
@@ -974,13 +1028,26 @@ mod tests {
         yields
     }
 
+    /// Feeds epochs taking the given milliseconds; returns the yields asked for at each.
+    fn feed(spin: &mut DrySpin, millis: &[u32]) -> Vec<u32> {
+        millis
+            .iter()
+            .map(|&ms| {
+                let yields = spin.yields();
+                spin.epoch_ended(ms * MS);
+                yields
+            })
+            .collect()
+    }
+
+    const S: u32 = DRY_YIELDS;
+
     #[test]
     fn a_dry_queue_spins_for_the_cycle_when_spinning_measured_clearly_faster() {
         let mut spin = DrySpin::new(1);
         let yields = cycle(&mut spin, 10 * MS, 14 * MS);
-        assert_eq!(yields[0], DRY_YIELDS, "the first trial spins");
-        assert_eq!(yields[1], 0, "the second trial waits at once");
-        assert!(yields[2..].iter().all(|&y| y == DRY_YIELDS), "spinning won: {yields:?}");
+        assert_eq!(yields[..4], [S, S, 0, 0], "the trials spin, then wait at once");
+        assert!(yields[4..].iter().all(|&y| y == DRY_YIELDS), "spinning won: {yields:?}");
         assert_eq!(spin.yields(), DRY_YIELDS, "the next cycle starts with the spinning trial");
     }
 
@@ -998,10 +1065,53 @@ mod tests {
         let mut spin = DrySpin::new(1);
         // Spinning 5% faster is not enough: it keeps a second core busy.
         let yields = cycle(&mut spin, 100 * MS, 105 * MS);
-        assert!(yields[2..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
+        assert!(yields[4..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
         // Spinning three times slower (the hand-off between cores is dear): waiting, of course.
         let yields = cycle(&mut spin, 30 * MS, 10 * MS);
         assert_eq!(yields[0], DRY_YIELDS, "each cycle tries spinning again");
-        assert!(yields[2..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
+        assert!(yields[4..].iter().all(|&y| y == 0), "waiting kept: {yields:?}");
+    }
+
+    #[test]
+    fn only_the_second_epoch_of_each_trial_is_timed() {
+        let mut spin = DrySpin::new(1);
+        // The first spinning epoch is slow (the loop moves), the first waiting one quick: neither counts.
+        feed(&mut spin, &[50, 10, 1, 14]);
+        assert_eq!(spin.yields(), DRY_YIELDS, "spinning won, 10 ms against 14");
+    }
+
+    #[test]
+    fn a_choice_that_slows_by_a_quarter_for_two_epochs_is_tried_again() {
+        let mut spin = DrySpin::new(1);
+        // Spinning wins, then runs at its best for a while.
+        let yields = feed(&mut spin, &[10, 10, 14, 14, 10, 10, 10, 10]);
+        assert_eq!(yields[4..], [S; 4]);
+        // One slow epoch is noise; 12 ms is within a quarter of the best.
+        assert_eq!(feed(&mut spin, &[13, 10, 12, 12]), [S; 4]);
+        assert_eq!((spin.epoch, spin.yields()), (12, DRY_YIELDS), "no trial yet");
+        // Two in a row a quarter slower: the next epochs are a trial, and waiting now wins.
+        feed(&mut spin, &[13, 13]);
+        assert_eq!(spin.epoch, 0, "a trial begins: {spin:?}");
+        let yields = feed(&mut spin, &[13, 13, 10, 10, 10]);
+        assert_eq!(yields, [S, S, 0, 0, 0], "waiting won");
+        assert_eq!(spin.patience, SPIN_PATIENCE, "a trial that changed the choice keeps the least patience");
+    }
+
+    #[test]
+    fn an_early_trial_that_confirms_the_choice_doubles_the_patience() {
+        let mut spin = DrySpin::new(1);
+        feed(&mut spin, &[10, 10, 14, 14]);
+        // Slow from the start: the trial is called at the patience's end, not before.
+        feed(&mut spin, &[13; 3]);
+        assert_eq!(spin.epoch, 7, "no trial before {SPIN_PATIENCE} epochs");
+        feed(&mut spin, &[13]);
+        assert_eq!(spin.epoch, 0, "slow at the patience's end: a trial");
+        // Spinning wins again (the whole machine was slow): the next early trial waits longer.
+        feed(&mut spin, &[13, 13, 18, 18]);
+        assert_eq!((spin.yields(), spin.patience), (DRY_YIELDS, 2 * SPIN_PATIENCE));
+        feed(&mut spin, &[20; 2 * SPIN_PATIENCE as usize - 5]);
+        assert_ne!(spin.epoch, 0, "still patient at epoch {}", spin.epoch);
+        feed(&mut spin, &[20]);
+        assert_eq!(spin.epoch, 0, "a trial at epoch {}", 2 * SPIN_PATIENCE);
     }
 }
