@@ -162,11 +162,16 @@ fn runtime() -> tokio::runtime::Runtime {
 pub fn run(n: u64, runs: usize) -> Figures {
     let mut cols: [Vec<f64>; 6] = Default::default();
     if let Ok(side) = std::env::var("STEVEDORE_BENCH_QUEUE_PROFILE") {
-        // Profiling aid: run one Stevedore side alone, many times.
-        let concurrency = if side == "concurrent" { CONCURRENT } else { 1 };
+        // Profiling aid: run one side alone, many times: `seq` or `concurrent` for Stevedore, `raw-seq`
+        // for the bare channel loop.
         runtime().block_on(async {
             for _ in 0..runs {
-                println!("{:.0} tasks/s", stevedore_queue(n, concurrency).await);
+                let rate = match side.as_str() {
+                    "raw-seq" => raw_sequential(n).await,
+                    "concurrent" => stevedore_queue(n, CONCURRENT).await,
+                    _ => stevedore_queue(n, 1).await,
+                };
+                println!("{rate:.0} tasks/s");
             }
         });
         std::process::exit(0);
