@@ -46,6 +46,12 @@
 //!   waiting are timed on the CPU's time-stamp counter (through `quanta`), a third of the cost of a
 //!   monotonic clock reading; under tokio's paused clock they show their real, tiny, duration.
 //!   This is what lets a sequential queue keep up with a bare channel loop (`BENCHMARKS.md`).
+//! - **Running dry.** A busy queue that runs out of tasks yields to the scheduler a few times before
+//!   it waits, so that a producer on another worker can refill it without a wake-up between
+//!   threads. A sequential queue does so only while that measures faster than waiting at once: it
+//!   times both ways now and then (every half million tasks or so, and again whenever its choice
+//!   gets slower), since which one wins depends on the machine and can change while it runs. An
+//!   idle queue waits without polling and costs no CPU.
 //! - **Pause.** [`TaskQueue::pause`] (also the dashboard's) stops taking tasks; the ones running
 //!   finish. [`TaskQueue::resume`] goes on.
 //! - **Stop.** When the host stops, the queue closes to new tasks at once. The tasks running finish
