@@ -113,14 +113,14 @@ const DRY_YIELDS: u32 = 8;
 /// 0.76x for waiting, then 0.33x against 0.90x (`BENCHMARKS.md`, tenth session). So the loop
 /// tries each for two epochs, times the second (the first lets the loop settle where that way puts
 /// it), and keeps the faster, preferring to wait (it leaves a core free) unless spinning is clearly
-/// ahead. A queue whose producer is the slower side measures the same either
-/// way, and so waits.
+/// ahead. A queue whose producer is the slower side measures the same either way, and so waits.
 ///
 /// One trial can still mislead (a stretch in which the whole machine is slow, or in which waiting
 /// happens to run as fast as spinning), and a choice held for a whole cycle at two-thirds of the
-/// speed is dear (`BENCHMARKS.md`, eleventh session). So the choice is tried again early when it gets
-/// slower than its own best by a quarter for two epochs in a row; an early trial that confirms
-/// the choice doubles the wait before the next one, so a noisy machine does not trial for ever.
+/// speed is dear (`BENCHMARKS.md`, eleventh session). So the choice is tried again early when it
+/// gets slower than its own best by a quarter for two epochs in a row; an early trial that
+/// confirms the choice doubles the wait before the next one, so a noisy machine does not trial for
+/// ever.
 #[derive(Debug)]
 struct DrySpin {
     /// Whether this epoch spins: the choice, or the trial under way.
