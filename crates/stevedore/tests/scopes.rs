@@ -253,13 +253,22 @@ mod sqlite_transaction {
 
     struct Tx(Transaction<'static, Sqlite>);
 
-    async fn pool() -> SqlitePool {
-        let dir = std::env::temp_dir().join(format!("stevedore-scope-{}", uuid_like()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let options = SqliteConnectOptions::new().filename(dir.join("db.sqlite")).create_if_missing(true);
+    /// A database file in a directory of its own, removed when the test ends.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn pool() -> (SqlitePool, TempDir) {
+        let dir = TempDir(std::env::temp_dir().join(format!("stevedore-scope-{}", uuid_like())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let options = SqliteConnectOptions::new().filename(dir.0.join("db.sqlite")).create_if_missing(true);
         let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await.unwrap();
         sqlx::query("CREATE TABLE employees (name TEXT NOT NULL)").execute(&pool).await.unwrap();
-        pool
+        (pool, dir)
     }
 
     fn uuid_like() -> String {
@@ -289,7 +298,7 @@ mod sqlite_transaction {
 
     #[tokio::test]
     async fn committed_on_success_rolled_back_on_failure() {
-        let pool = pool().await;
+        let (pool, _dir) = pool().await;
         let ctx = ctx(services(pool.clone()));
         let ok = run_handler(&ctx, &|tx: Scoped<Tx>| insert("ada", false, tx), None).await;
         assert!(ok.is_success(), "{ok:?}");
@@ -298,5 +307,6 @@ mod sqlite_transaction {
         let names: Vec<String> =
             sqlx::query_scalar("SELECT name FROM employees ORDER BY name").fetch_all(&pool).await.unwrap();
         assert_eq!(names, ["ada"], "bob's insert was rolled back with its failed run");
+        pool.close().await;
     }
 }
