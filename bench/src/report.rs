@@ -68,3 +68,34 @@ pub fn rss_bytes() -> u64 {
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
+
+/// How many cores' worth of work two threads get from the machine now: the time one thread takes
+/// for a fixed loop over the time two take for it split in halves, the median of three. About 2.0
+/// with two free cores, about 1.0 pinned to one (`taskset -c 0`). Figures taken at different
+/// values are not comparable: a guest whose host gives its two vCPUs one core's time reads ~1.0.
+pub fn parallel_speedup() -> f64 {
+    /// A dependent chain of multiplies: pure CPU, nothing for the threads to share.
+    fn spin(iterations: u64) -> u64 {
+        let mut x = 1u64;
+        for i in 0..iterations {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i));
+        }
+        x
+    }
+    const WORK: u64 = 20_000_000;
+    let ratios = (0..3)
+        .map(|_| {
+            let began = std::time::Instant::now();
+            std::hint::black_box(spin(WORK));
+            let one = began.elapsed();
+            let began = std::time::Instant::now();
+            std::thread::scope(|s| {
+                let other = s.spawn(|| spin(WORK / 2));
+                std::hint::black_box(spin(WORK / 2));
+                let _ = other.join();
+            });
+            one.as_secs_f64() / began.elapsed().as_secs_f64().max(f64::EPSILON)
+        })
+        .collect();
+    median(ratios)
+}
