@@ -16,7 +16,7 @@ use stevedore::queue::TaskQueue;
 use stevedore::{BoxError, Host};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
-use crate::report::{Figures, median, parallel_speedup};
+use crate::report::{Figures, median, parallel_speedup, wake_round_trip_us};
 
 const CAPACITY: usize = 1024;
 const CONCURRENT: usize = 64;
@@ -180,9 +180,10 @@ pub fn run(n: u64, runs: usize) -> Figures {
     // One warm-up of each, not counted.
     measure(Box::pin(raw_sequential(n / 10)));
     measure(Box::pin(stevedore_queue(n / 10, 1)));
-    let mut speedups = Vec::new();
+    let (mut speedups, mut wakes) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         speedups.push(parallel_speedup());
+        wakes.push(wake_round_trip_us());
         cols[0].push(measure(Box::pin(raw_sequential(n))));
         cols[1].push(measure(Box::pin(stevedore_queue(n, 1))));
         cols[2].push(measure(Box::pin(raw_spawn_semaphore(n))));
@@ -211,6 +212,7 @@ pub fn run(n: u64, runs: usize) -> Figures {
         median(speedups),
         "two threads' CPU-bound work over one's, before each round: ~2.0 with both cores there",
     );
+    f.add("wake_round_trip_us", median(wakes), "a parked thread woken and waking back, before each round, µs");
     f.note("Stevedore's figures include per-task scope, span, timeout/panic guard and status record.");
     f
 }

@@ -99,3 +99,41 @@ pub fn parallel_speedup() -> f64 {
         .collect();
     median(ratios)
 }
+
+/// How long one thread takes to wake another that is parked, and be woken back, in microseconds:
+/// the median of three sets of 1,000 round trips. Work spread over a runtime's workers pays this
+/// whenever one wakes another; on a guest it depends on how quickly the host runs a halted vCPU
+/// again, which `parallel_speedup` does not see.
+pub fn wake_round_trip_us() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TRIPS: u64 = 1000;
+    let sets = (0..3)
+        .map(|_| {
+            // Odd: the other thread's turn; even: this one's. Each side parks until its turn, so a
+            // spurious wake-up only parks again.
+            let turn = AtomicU64::new(0);
+            let this = std::thread::current();
+            std::thread::scope(|s| {
+                let other = s.spawn(|| {
+                    for trip in 0..TRIPS {
+                        while turn.load(Ordering::Acquire) != 2 * trip + 1 {
+                            std::thread::park();
+                        }
+                        turn.store(2 * trip + 2, Ordering::Release);
+                        this.unpark();
+                    }
+                });
+                let began = std::time::Instant::now();
+                for trip in 0..TRIPS {
+                    turn.store(2 * trip + 1, Ordering::Release);
+                    other.thread().unpark();
+                    while turn.load(Ordering::Acquire) != 2 * trip + 2 {
+                        std::thread::park();
+                    }
+                }
+                began.elapsed().as_secs_f64() * 1e6 / TRIPS as f64
+            })
+        })
+        .collect();
+    median(sets)
+}
