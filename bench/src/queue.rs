@@ -16,7 +16,7 @@ use stevedore::queue::TaskQueue;
 use stevedore::{BoxError, Host};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
-use crate::report::{Figures, median, parallel_speedup, wake_round_trip_us};
+use crate::report::{Figures, MachineState, median};
 
 const CAPACITY: usize = 1024;
 const CONCURRENT: usize = 64;
@@ -180,10 +180,9 @@ pub fn run(n: u64, runs: usize) -> Figures {
     // One warm-up of each, not counted.
     measure(Box::pin(raw_sequential(n / 10)));
     measure(Box::pin(stevedore_queue(n / 10, 1)));
-    let (mut speedups, mut wakes) = (Vec::new(), Vec::new());
+    let mut machine = MachineState::default();
     for _ in 0..runs {
-        speedups.push(parallel_speedup());
-        wakes.push(wake_round_trip_us());
+        machine.sample();
         cols[0].push(measure(Box::pin(raw_sequential(n))));
         cols[1].push(measure(Box::pin(stevedore_queue(n, 1))));
         cols[2].push(measure(Box::pin(raw_spawn_semaphore(n))));
@@ -207,12 +206,7 @@ pub fn run(n: u64, runs: usize) -> Figures {
     f.add("raw_concurrent_per_s", raw_conc, "mpsc + spawn under a 64-permit semaphore, tasks/s");
     f.add("apalis64_per_s", apalis64, "apalis 1.0 in-memory, concurrency 64, jobs/s");
     f.add("apalis16_per_s", apalis16, "apalis 1.0 in-memory, concurrency 16, jobs/s");
-    f.add(
-        "parallel_speedup",
-        median(speedups),
-        "two threads' CPU-bound work over one's, before each round: ~2.0 with both cores there",
-    );
-    f.add("wake_round_trip_us", median(wakes), "a parked thread woken and waking back, before each round, µs");
+    machine.report(&mut f);
     f.note("Stevedore's figures include per-task scope, span, timeout/panic guard and status record.");
     f
 }

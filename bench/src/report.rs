@@ -73,7 +73,7 @@ pub fn rss_bytes() -> u64 {
 /// for a fixed loop over the time two take for it split in halves, the median of three. About 2.0
 /// with two free cores, about 1.0 pinned to one (`taskset -c 0`). Figures taken at different
 /// values are not comparable: a guest whose host gives its two vCPUs one core's time reads ~1.0.
-pub fn parallel_speedup() -> f64 {
+fn parallel_speedup() -> f64 {
     /// A dependent chain of multiplies: pure CPU, nothing for the threads to share.
     fn spin(iterations: u64) -> u64 {
         let mut x = 1u64;
@@ -102,9 +102,9 @@ pub fn parallel_speedup() -> f64 {
 
 /// How long one thread takes to wake another that is parked, and be woken back, in microseconds:
 /// the median of three sets of 1,000 round trips. Work spread over a runtime's workers pays this
-/// whenever one wakes another; on a guest it depends on how quickly the host runs a halted vCPU
+/// whenever one wakes another; on a guest it likely depends on how quickly a halted vCPU runs
 /// again, which `parallel_speedup` does not see.
-pub fn wake_round_trip_us() -> f64 {
+fn wake_round_trip_us() -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     const TRIPS: u64 = 1000;
     let sets = (0..3)
@@ -136,4 +136,30 @@ pub fn wake_round_trip_us() -> f64 {
         })
         .collect();
     median(sets)
+}
+
+/// The machine's state, sampled before each round of a scenario: labels for its figures, not
+/// results (see the bench's README).
+#[derive(Default)]
+pub struct MachineState {
+    speedups: Vec<f64>,
+    wakes: Vec<f64>,
+}
+
+impl MachineState {
+    /// Takes one sample of each label (about a quarter of a second).
+    pub fn sample(&mut self) {
+        self.speedups.push(parallel_speedup());
+        self.wakes.push(wake_round_trip_us());
+    }
+
+    /// Adds the labels' medians to the figures.
+    pub fn report(self, f: &mut Figures) {
+        f.add(
+            "parallel_speedup",
+            median(self.speedups),
+            "two threads' CPU-bound work over one's, before each round: ~2.0 with both cores there",
+        );
+        f.add("wake_round_trip_us", median(self.wakes), "a parked thread woken and waking back, before each round, µs");
+    }
 }

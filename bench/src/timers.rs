@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use stevedore::interval::IntervalService;
 use stevedore::{BoxError, Host};
 
-use crate::report::{Figures, median, parallel_speedup, wake_round_trip_us};
+use crate::report::{Figures, MachineState, median};
 
 /// The period.
 const PERIOD: Duration = Duration::from_millis(100);
@@ -322,10 +322,10 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     // Each side's measurements, run by run; the figures are their medians.
     let (mut bases, mut ours, mut base_floors, mut floors, mut base_spreads, mut spreads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut skips, mut p99_ratios, mut speedups, mut wakes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut skips, mut p99_ratios) = (Vec::new(), Vec::new());
+    let mut machine = MachineState::default();
     for _ in 0..runs {
-        speedups.push(parallel_speedup());
-        wakes.push(wake_round_trip_us());
+        machine.sample();
         let base = baseline(n, window, Start::Together);
         let (our, skipped) = stevedore(n, window, Start::Together);
         p99_ratios.push(our.p99_ms / base.p99_ms.max(f64::EPSILON));
@@ -360,12 +360,7 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     f.add("p99_ratio", p99_ratio, "Stevedore's p99 lateness over the bare loops' in the same run");
     f.add("peak_due_per_ms", peak, "Stevedore: the most timers due in one millisecond of the period");
     f.add("baseline_peak_due_per_ms", base_peak, "bare loops: the most timers due in one millisecond");
-    f.add(
-        "parallel_speedup",
-        median(speedups),
-        "two threads' CPU-bound work over one's, before each round: ~2.0 with both cores there",
-    );
-    f.add("wake_round_trip_us", median(wakes), "a parked thread woken and waking back, before each round, µs");
+    machine.report(&mut f);
     f.add("skipped_ticks", skipped, "Stevedore: ticks skipped in the window (woken more than a period late)");
     f.add(
         "floor_p99_lateness_ms",
