@@ -866,7 +866,8 @@ async fn record_outcomes<S: JobStore>(shared: Arc<Shared<S>>, mut done: mpsc::Un
     let mut batch = Vec::with_capacity(max);
     while done.recv_many(&mut batch, max).await > 0 {
         let mut delay = Duration::from_millis(50);
-        let give_up = tokio::time::Instant::now() + shared.config.lease_ttl;
+        // `None`: a lease too long for the clock to hold, so no giving up.
+        let give_up = tokio::time::Instant::now().checked_add(shared.config.lease_ttl);
         loop {
             match shared.store.finish(&batch, &shared.lease.owner).await {
                 Ok(applied) => {
@@ -880,7 +881,7 @@ async fn record_outcomes<S: JobStore>(shared: Arc<Shared<S>>, mut done: mpsc::Un
                     }
                     break;
                 }
-                Err(error) if tokio::time::Instant::now() < give_up => {
+                Err(error) if give_up.is_none_or(|at| tokio::time::Instant::now() < at) => {
                     tracing::warn!(%error, "recording job outcomes failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));

@@ -459,7 +459,7 @@ impl Host {
 
     async fn stop_all(&mut self, force: &CancellationToken) {
         self.lifetime.set_state(HostState::Stopping);
-        let deadline = Instant::now() + self.shutdown.timeout;
+        let deadline = crate::runs::instant_after(Instant::now(), self.shutdown.timeout);
         self.lifetime.set_stop_deadline(deadline);
         tracing::info!(budget = ?self.shutdown.timeout, concurrent = self.shutdown.concurrent, "host stopping");
         let _ = self.run_hook_all(Hook::Stopping, Some((deadline, force))).await;

@@ -62,7 +62,7 @@ use tokio::time::Instant;
 
 use crate::error::BoxError;
 use crate::handler::{Handler, run_handler};
-use crate::runs::{StopWatch, StoppedOnDrop, TriggerHandle, Woken, jitter, recorded_from, wait};
+use crate::runs::{StopWatch, StoppedOnDrop, TriggerHandle, Woken, instant_after, jitter, recorded_from, wait};
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
 
 /// What to do with ticks that fall while a run is still going (fixed rate only).
@@ -245,7 +245,7 @@ struct Tick {
 
 impl Tick {
     fn new(at: Instant, max_jitter: Duration) -> Self {
-        Tick { at, due: at + jitter(max_jitter) }
+        Tick { at, due: instant_after(at, jitter(max_jitter)) }
     }
 }
 
@@ -260,7 +260,7 @@ fn ticks_until(first: Instant, period: Duration, now: Instant) -> u64 {
 
 fn advance(at: Instant, period: Duration, n: u64) -> Instant {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
-    at + period.saturating_mul(n)
+    instant_after(at, period.saturating_mul(n))
 }
 
 impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
@@ -284,7 +284,8 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
         let mut sleep = Box::pin(tokio::time::sleep_until(start));
         match svc.cadence {
             Cadence::FixedRate(period) => {
-                let mut next = Tick::new(start + svc.initial_delay, svc.jitter);
+                let first = instant_after(start, svc.initial_delay);
+                let mut next = Tick::new(first, svc.jitter);
                 let mut catch_up = false;
                 loop {
                     let cause = if std::mem::take(&mut catch_up) {
@@ -305,7 +306,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                     let now = Instant::now();
                     if cause == Cause::Tick {
                         // Woken late: ticks that fell due meanwhile fold into this run.
-                        let late = ticks_until(next.at + period, period, now);
+                        let late = ticks_until(instant_after(next.at, period), period, now);
                         for _ in 0..late.min(1_000_000) {
                             status.run_skipped();
                         }
@@ -331,7 +332,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                 }
             }
             Cadence::FixedDelay(delay) => {
-                let mut due = start + svc.initial_delay + jitter(svc.jitter);
+                let mut due = instant_after(start, svc.initial_delay.saturating_add(jitter(svc.jitter)));
                 loop {
                     let cause = if svc.trigger.take() {
                         Cause::Trigger
@@ -348,7 +349,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                     };
                     let work = || run_handler(&ctx, &svc.handler, svc.timeout);
                     let (_, ended) = recorded_from(&ctx, cause.as_str(), Instant::now(), work).await;
-                    due = ended + delay + jitter(svc.jitter);
+                    due = instant_after(ended, delay.saturating_add(jitter(svc.jitter)));
                 }
             }
         }

@@ -333,7 +333,18 @@ impl Drop for StoppedOnDrop<'_> {
     }
 }
 
+/// `at + by`, or a moment some thirty years after `at` where that sum is past what the clock can
+/// hold: a user's delay of `Duration::MAX` means "not in this process's life", not a panic.
+pub(crate) fn instant_after(at: Instant, by: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    at.checked_add(by).or_else(|| at.checked_add(FAR)).unwrap_or(at)
+}
+
 /// A random delay in `0..=max`, for jitter.
 pub(crate) fn jitter(max: Duration) -> Duration {
-    if max.is_zero() { Duration::ZERO } else { max.mul_f64(rand::random::<f64>()) }
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    // Not `mul_f64`, which panics where rounding takes a product of a huge `max` past the maximum.
+    Duration::try_from_secs_f64(max.as_secs_f64() * rand::random::<f64>()).map_or(max, |d| d.min(max))
 }

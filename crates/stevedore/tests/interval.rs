@@ -370,3 +370,21 @@ async fn quick_runs_are_in_the_status_view_as_soon_as_the_timer_waits_again() {
     lifetime.request_stop();
     assert!(run.await.unwrap().is_clean());
 }
+
+#[tokio::test(start_paused = true)]
+async fn delays_past_what_the_clock_holds_mean_never_not_a_panic() {
+    let starts = Starts::new();
+    let far = IntervalService::fixed_rate("far", Duration::MAX, timed(&starts, |_| Duration::ZERO))
+        .initial_delay(Duration::MAX);
+    let later = IntervalService::fixed_delay("later", Duration::MAX, timed(&starts, |_| Duration::ZERO))
+        .jitter(Duration::MAX)
+        .initial_delay(Duration::MAX);
+    let host = builder().shutdown_timeout(Duration::MAX).add(far.into_spec()).add(later.into_spec()).build().unwrap();
+    let (report, status) = run_for(host, secs(3600)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    assert!(starts.get().is_empty(), "no run is due in this process's life: {:?}", starts.get());
+    for name in ["far", "later"] {
+        let s = status.service(name).unwrap();
+        assert_eq!(s.state, ServiceState::Stopped, "{name}: {s:?}");
+    }
+}
