@@ -14,7 +14,8 @@
 //! many timers share the busiest millisecond, and `p99_ratio` compares the two sides in the same run.
 //! Two floor sides, 100 timers each with one due per millisecond, measure the lateness that is left
 //! with no queue at all: tokio's timer granularity. Two spread sides run all the timers with their
-//! first runs staggered evenly over the period, as a host whose timers do not share a phase sees.
+//! phases spread over the period by `IntervalService::spread_phase`, the bare loops given the same
+//! offsets: what a host whose timers do not share a phase sees.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -214,22 +215,34 @@ async fn measure(hist: &Histogram, window: Duration) -> Measured {
     }
 }
 
-/// How the timers' first ticks are placed: all at once (the scenario), or one every `PERIOD / n`
-/// (the floor and spread sides: with 100 timers no two are due in the same millisecond, so no
-/// wake-up ever queues; with 10,000, about 100 share each millisecond instead of thousands).
+/// How the timers' first ticks are placed: all at once (the scenario); one every `PERIOD / n` (the
+/// floor sides: with 100 timers no two are due in the same millisecond, so no wake-up ever queues);
+/// or by `IntervalService::spread_phase` (the spread sides: with 10,000, about 100 share each
+/// millisecond instead of thousands).
 #[derive(Clone, Copy)]
 enum Start {
     Together,
     Staggered,
+    SpreadPhase,
 }
 
 impl Start {
+    /// The `i`-th timer's first tick, after the start.
     fn offset(self, i: usize, n: usize) -> Duration {
         match self {
             Start::Together => Duration::ZERO,
             Start::Staggered => period() * i as u32 / n as u32,
+            // What `spread_phase` gives the Stevedore side's timer of the same name.
+            Start::SpreadPhase => {
+                let noop = || async { Ok::<_, BoxError>(()) };
+                IntervalService::fixed_rate(timer_name(i), period(), noop).spread_phase().phase()
+            }
         }
     }
+}
+
+fn timer_name(i: usize) -> String {
+    format!("timer-{i}")
 }
 
 fn baseline(n: usize, window: Duration, start: Start) -> Measured {
@@ -275,8 +288,11 @@ fn stevedore(n: usize, window: Duration, start: Start) -> (Measured, u64) {
                 grid.tick(&hist);
                 async { Ok::<_, BoxError>(()) }
             };
-            let service =
-                IntervalService::fixed_rate(format!("timer-{i}"), period(), handler).initial_delay(start.offset(i, n));
+            let service = IntervalService::fixed_rate(timer_name(i), period(), handler);
+            let service = match start {
+                Start::SpreadPhase => service.spread_phase(),
+                _ => service.initial_delay(start.offset(i, n)),
+            };
             builder = builder.add(service.into_spec());
         }
         let host = builder.build().expect("valid host");
@@ -301,14 +317,14 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     let window = Duration::from_secs(seconds);
     if let Ok(side) = std::env::var("STEVEDORE_BENCH_TIMERS_PROFILE") {
         // Profiling aid: one side alone: `baseline`, `floor`, `baseline-floor`, `spread` and
-        // `baseline-spread` (all the timers, staggered evenly over the period), or anything else
+        // `baseline-spread` (all the timers, phases spread by `spread_phase`), or anything else
         // for Stevedore's. With `STEVEDORE_BENCH_TIMERS_PERIOD_MS` and `_WORKERS`, it is what
         // cachegrind runs to count cache misses per tick (`BENCHMARKS.md`, ninth session).
         let (m, skipped) = match side.as_str() {
             "baseline" => (baseline(n, window, Start::Together), 0),
             "baseline-floor" => (baseline(FLOOR_TIMERS, window, Start::Staggered), 0),
-            "baseline-spread" => (baseline(n, window, Start::Staggered), 0),
-            "spread" => stevedore(n, window, Start::Staggered),
+            "baseline-spread" => (baseline(n, window, Start::SpreadPhase), 0),
+            "spread" => stevedore(n, window, Start::SpreadPhase),
             "floor" => stevedore(FLOOR_TIMERS, window, Start::Staggered),
             _ => stevedore(n, window, Start::Together),
         };
@@ -334,8 +350,8 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
         ours.push(our);
         base_floors.push(baseline(FLOOR_TIMERS, window, Start::Staggered));
         floors.push(stevedore(FLOOR_TIMERS, window, Start::Staggered).0);
-        base_spreads.push(baseline(n, window, Start::Staggered));
-        spreads.push(stevedore(n, window, Start::Staggered).0);
+        base_spreads.push(baseline(n, window, Start::SpreadPhase));
+        spreads.push(stevedore(n, window, Start::SpreadPhase).0);
     }
     let med = |side: &[Measured], figure: fn(&Measured) -> f64| median(side.iter().map(figure).collect());
     let (mean, p99, cpu) = (med(&ours, |m| m.mean_ms), med(&ours, |m| m.p99_ms), med(&ours, |m| m.cpu_s));
@@ -375,23 +391,25 @@ pub fn run(n: usize, seconds: u64, runs: usize) -> Figures {
     f.add(
         "spread_p99_lateness_ms",
         spread,
-        format!("{n} Stevedore interval services, first runs staggered evenly over the period: p99 tick lateness, ms"),
+        format!(
+            "{n} Stevedore interval services, phases spread over the period by spread_phase: p99 tick lateness, ms"
+        ),
     );
     f.add(
         "baseline_spread_p99_lateness_ms",
         base_spread,
-        format!("{n} bare loops, staggered the same way: p99 tick lateness, ms"),
+        format!("{n} bare loops, given the same offsets: p99 tick lateness, ms"),
     );
     f.add(
         "spread_cpu_ratio",
         spread_cpu / base_spread_cpu.max(f64::EPSILON),
-        "staggered: Stevedore CPU time over the bare loops'",
+        "phases spread: Stevedore CPU time over the bare loops'",
     );
     f.add("cpu_s", cpu, "Stevedore: process CPU seconds over the window");
     f.add("baseline_cpu_s", base_cpu, "bare loops: process CPU seconds over the window");
     f.note("Each Stevedore tick is a full run: fresh scope, span, panic guard and status record.");
     f.note("The timers start within a few milliseconds, so each period opens with a burst of wake-ups: the p99 is the wait at the back of that queue, and grows with the cost of one tick.");
-    f.note("The spread sides run the same timers with their first runs staggered evenly over the period (about 100 due in each millisecond): the gap between their p99 and the scenario's is what the burst's queue costs.");
+    f.note("The spread sides run the same timers with their phases spread over the period by spread_phase (about 100 due in each millisecond): the gap between their p99 and the scenario's is what the burst's queue costs.");
     f.note("The floor sides have no queue at all: their lateness is tokio's timer granularity. tokio rounds a deadline up to the end of its millisecond, so even a timer alone on its runtime wakes up to 1 ms late (a worker that parks mid-millisecond sleeps whole milliseconds from the start of it, which can add up to 1 ms more).");
     f
 }

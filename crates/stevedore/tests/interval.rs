@@ -372,10 +372,65 @@ async fn quick_runs_are_in_the_status_view_as_soon_as_the_timer_waits_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn spread_phase_moves_the_grid_by_an_offset_below_the_period() {
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_rate("report", secs(10), timed(&starts, |_| Duration::ZERO)).spread_phase();
+    let phase = timer.phase();
+    assert!(phase > Duration::ZERO && phase < secs(10), "phase {phase:?}");
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (report, _) = run_for(host, Duration::from_millis(30_500)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    let p = phase.as_secs_f64();
+    let expected: Vec<f64> = (0..3).map(|k| p + 10.0 * f64::from(k)).collect();
+    let got = starts.get();
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (g, e) in got.iter().zip(&expected) {
+        assert!((g - e).abs() < 0.002, "starts {got:?}, expected {expected:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn spread_phase_comes_after_the_initial_delay_and_is_the_same_for_the_same_name() {
+    let noop = || async { Ok::<_, BoxError>(()) };
+    let once = IntervalService::fixed_rate("nightly-report", secs(60), noop).spread_phase().phase();
+    let again = IntervalService::fixed_rate("nightly-report", secs(60), noop).spread_phase().phase();
+    assert_eq!(once, again, "the same name and period give the same offset");
+    let starts = Starts::new();
+    let timer = IntervalService::fixed_delay("nightly-report", secs(60), timed(&starts, |_| secs(1)))
+        .initial_delay(secs(100))
+        .spread_phase();
+    assert_eq!(timer.phase(), once, "the cadence does not change the offset");
+    let host = builder().add(timer.into_spec()).build().unwrap();
+    let (report, _) = run_for(host, secs(220)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    let first = 100.0 + once.as_secs_f64();
+    let got = starts.get();
+    assert!((got[0] - first).abs() < 0.002, "first start {got:?}, expected {first}");
+    assert!((got[1] - (first + 61.0)).abs() < 0.002, "fixed delay after the phase: {got:?}");
+}
+
+#[test]
+fn many_services_with_one_period_spread_over_it() {
+    let noop = || async { Ok::<_, BoxError>(()) };
+    let period = Duration::from_millis(100);
+    // 10,000 names as a host of many timers might have: the offsets fill the period's 100
+    // milliseconds about evenly (about 100 in each), where without spreading all would share one.
+    let mut per_ms = [0u32; 100];
+    for i in 0..10_000 {
+        let phase = IntervalService::fixed_rate(format!("timer-{i}"), period, noop).spread_phase().phase();
+        assert!(phase < period);
+        per_ms[phase.as_millis() as usize] += 1;
+    }
+    let (min, max) = (per_ms.iter().min().unwrap(), per_ms.iter().max().unwrap());
+    assert!(*min >= 60 && *max <= 140, "offsets per millisecond from {min} to {max}: {per_ms:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn delays_past_what_the_clock_holds_mean_never_not_a_panic() {
     let starts = Starts::new();
     let far = IntervalService::fixed_rate("far", Duration::MAX, timed(&starts, |_| Duration::ZERO))
-        .initial_delay(Duration::MAX);
+        .initial_delay(Duration::MAX)
+        .spread_phase();
     let later = IntervalService::fixed_delay("later", Duration::MAX, timed(&starts, |_| Duration::ZERO))
         .jitter(Duration::MAX)
         .initial_delay(Duration::MAX);
