@@ -325,7 +325,7 @@ impl<S: Source, Args: 'static, H: MessageHandler<Args>> Consumer<S, H, Args> {
         let report = Reporter::new(ctx.clone());
         let opts = &self.options;
         let name = self.name.clone();
-        let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(opts.concurrency.clamp(1, Semaphore::MAX_PERMITS)));
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut failures = 0u32;
         let connected = metrics::gauge!("stevedore_bus_consumer_connected", "consumer" => name.clone());

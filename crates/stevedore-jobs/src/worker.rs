@@ -571,13 +571,14 @@ async fn fetch_loop<S: JobStore>(
     let store = &shared.store;
     let prefetch = shared.config.prefetch;
     // Fetch permits: one per job held (running or prefetched).
-    let semaphore = Arc::new(Semaphore::new(concurrency + prefetch));
+    // Held to tokio's limit (about 2^61), past which the semaphore would panic.
+    let semaphore = Arc::new(Semaphore::new(concurrency.saturating_add(prefetch).min(Semaphore::MAX_PERMITS)));
     let local = Arc::new(Notify::new());
     let queue_shared = QueueShared {
         name: Arc::from(queue.as_str()),
         done,
         local: Arc::clone(&local),
-        run_gate: (prefetch > 0).then(|| Arc::new(Semaphore::new(concurrency))),
+        run_gate: (prefetch > 0).then(|| Arc::new(Semaphore::new(concurrency.min(Semaphore::MAX_PERMITS)))),
         stop: stop.clone(),
         load: Arc::new(QueueLoad::default()),
     };

@@ -148,7 +148,12 @@ impl BackgroundRuntimeBuilder {
             .map_err(|source| IsolationError::Runtime { name: self.name.clone(), source })?;
         let handle = runtime.handle().clone();
         Ok(BackgroundRuntime {
-            inner: Arc::new(Inner { runtime: Some(runtime), handle, cpu: Arc::new(Semaphore::new(cpu)), priority }),
+            inner: Arc::new(Inner {
+                runtime: Some(runtime),
+                handle,
+                cpu: Arc::new(Semaphore::new(cpu.min(Semaphore::MAX_PERMITS))),
+                priority,
+            }),
         })
     }
 }

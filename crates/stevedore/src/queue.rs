@@ -629,7 +629,8 @@ where
     H: PayloadHandler<T, Args>,
     Args: 'static,
 {
-    /// How many tasks may wait (default 1024); must be at least 1.
+    /// How many tasks may wait (default 1024); must be at least 1 (and is held to tokio's
+    /// channel limit, about 2^61).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
@@ -682,7 +683,9 @@ where
             // calibrates it (about half a millisecond): here, at build, not in the first task.
             let _ = quanta::Instant::now();
         }
-        let (tx, rx) = mpsc::channel(self.capacity.max(1));
+        // Past tokio's semaphore limit (about 2^61 on 64-bit) the channel would panic; no queue
+        // holds that many tasks anyway.
+        let (tx, rx) = mpsc::channel(self.capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
         let shared = Arc::new(Shared {
             name: self.name.clone(),
             tx,

@@ -287,6 +287,20 @@ async fn zero_capacity_or_concurrency_fails_the_build_naming_the_queue() {
     assert!(builder().add(spec).build().unwrap_err().to_string().contains("concurrency of zero"));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_capacity_or_concurrency_past_what_tokio_holds_is_held_to_it_not_a_panic() {
+    let probe = Probe::default();
+    let (queue, service) =
+        TaskQueue::builder("q", probe.handler(secs(1))).capacity(usize::MAX).concurrency(usize::MAX).build();
+    for n in 0..3 {
+        queue.try_enqueue(n).unwrap();
+    }
+    let (report, status) = run_for(builder().add(service).build().unwrap(), secs(5)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    assert_eq!((probe.done().len(), probe.max()), (3, 3), "all three at once");
+    assert_eq!(status.service("q").unwrap().runs.succeeded, 3);
+}
+
 /// Polls `check` on the paused clock (each step lets the queue's task run) until it holds.
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..1000 {
