@@ -445,7 +445,9 @@ impl<S: Source, Args: 'static, H: MessageHandler<Args>> Consumer<S, H, Args> {
 /// When a drain that starts at `now` must give up on in-flight handlers: after `drain_timeout`,
 /// or `drain_reserve` before the host's shutdown deadline when there is one, whichever is first.
 fn drain_until(now: Instant, host_deadline: Option<Instant>, opts: &ConsumerOptions) -> Instant {
-    let own = now + opts.drain_timeout;
+    // A timeout past what the clock can add (`Duration::MAX`: wait for the handlers) is thirty years.
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    let own = now.checked_add(opts.drain_timeout).or_else(|| now.checked_add(FAR)).unwrap_or(now);
     match host_deadline {
         Some(deadline) => {
             let host = deadline.checked_sub(opts.drain_reserve).unwrap_or(now).max(now);
@@ -563,5 +565,9 @@ mod tests {
         // Already inside the reserve: give everything back at once.
         assert_eq!(drain_until(now, Some(now + ms(300)), &opts(4000, 500)), now);
         assert_eq!(drain_until(now + ms(5000), Some(now + ms(1000)), &opts(4000, 500)), now + ms(5000));
+        // No bound of its own: the host's deadline, and outside a host a far one, not a panic.
+        let forever = ConsumerOptions { drain_timeout: Duration::MAX, ..opts(0, 500) };
+        assert_eq!(drain_until(now, Some(now + ms(2000)), &forever), now + ms(1500));
+        assert!(drain_until(now, None, &forever) > now + Duration::from_secs(3600 * 24 * 365));
     }
 }

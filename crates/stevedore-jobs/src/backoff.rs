@@ -46,12 +46,14 @@ impl Backoff {
             .checked_mul(1u32.checked_shl(exponent.min(31)).unwrap_or(u32::MAX))
             .unwrap_or(self.max)
             .min(self.max);
-        let jitter = self.jitter.clamp(0.0, 1.0);
+        // A NaN share would make the range below panic; it means no jitter.
+        let jitter = if self.jitter.is_finite() { self.jitter.clamp(0.0, 1.0) } else { 0.0 };
         if jitter == 0.0 {
             return raw;
         }
         let factor = rand::rng().random_range(1.0 - jitter..=1.0 + jitter);
-        raw.mul_f64(factor)
+        // Not `mul_f64`, which panics where the product passes `Duration::MAX`.
+        Duration::try_from_secs_f64(raw.as_secs_f64() * factor).unwrap_or(Duration::MAX)
     }
 }
 
@@ -67,5 +69,15 @@ mod tests {
             let d = b.delay(attempt);
             assert!(d >= expected.mul_f64(0.8) && d <= expected.mul_f64(1.2), "attempt {attempt}: {d:?}");
         }
+    }
+
+    #[test]
+    fn a_huge_maximum_or_a_nan_jitter_gives_a_delay_not_a_panic() {
+        let huge = Backoff { base: Duration::MAX, max: Duration::MAX, jitter: 0.5 };
+        for attempt in [1, 2, 63, u32::MAX] {
+            assert!(huge.delay(attempt) >= Duration::from_secs(u64::MAX / 4), "attempt {attempt}");
+        }
+        let nan = Backoff { base: Duration::from_secs(3), max: Duration::from_secs(60), jitter: f64::NAN };
+        assert_eq!(nan.delay(2), Duration::from_secs(6), "a NaN jitter is no jitter");
     }
 }

@@ -690,7 +690,7 @@ async fn fetch_loop<S: JobStore>(
         if wakeup.has_changed() {
             continue;
         }
-        let wait = until_due.map_or(poll, |d| d.min(poll) + Duration::from_millis(1));
+        let wait = until_due.map_or(poll, |d| d.min(poll).saturating_add(Duration::from_millis(1)));
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
