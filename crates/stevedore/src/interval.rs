@@ -98,7 +98,8 @@ pub struct IntervalService<H, Args> {
     cadence: Cadence,
     initial_delay: Duration,
     /// Whether the grid is moved by the name's offset: see [`spread_phase`](IntervalService::spread_phase).
-    /// (Worked out at the start, not kept: a field's room in this struct shows in a tick's cost.)
+    /// (The offset is worked out at the start, not kept, so the struct keeps its size: where a
+    /// timer's data lies moves a tick's cost; `BENCHMARKS.md`, ninth and tenth sessions.)
     spread_phase: bool,
     overlap: Overlap,
     jitter: Duration,
