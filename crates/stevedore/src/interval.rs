@@ -61,17 +61,42 @@
 //!   budget.
 //! - **Run now.** [`TriggerHandle::trigger`] (also the dashboard's "run now") starts a run at once; one
 //!   asked for during a run starts when that run ends. It does not move the schedule.
+//!
+//! # How runs start
+//!
+//! A service does not keep a timer of its own. The interval services of a runtime share one driver
+//! task per worker thread, which keeps their next runs in a heap and, when one falls due, polls
+//! the run's first step itself, up to its first `await` that has to wait. A run that ends there,
+//! as a poll that finds nothing to do usually does, never wakes its service's task; one that waits
+//! is handed to the service's own task and finishes there, so it holds up no other service. At
+//! 10,000 services every 100 ms this takes half the CPU time of as many bare
+//! `tokio::time::interval` loops, and keeps the p99 lateness of timers all started together under
+//! 2 ms where the bare loops miss it (`BENCHMARKS.md`, thirteenth session).
+//!
+//! The driver runs 64 due runs at most before it yields, so a burst of them does not hold a
+//! worker thread away from other tasks (requests, say) for long. A run's first step still runs on
+//! the driver, so a handler that computes before its first `await` delays the services due after
+//! it: a service whose runs do that for more than 1 ms, twice in a row, starts every later run
+//! in its own task instead. (Long computation belongs in `spawn_blocking` in any case.)
 
+mod driver;
+
+use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
 
+use self::driver::{Plan, Registration, RunFuture, Timed};
 use crate::error::BoxError;
 use crate::handler::{Handler, run_handler};
-use crate::runs::{StopWatch, StoppedOnDrop, TriggerHandle, Woken, instant_after, jitter, recorded_from, wait};
+use crate::runs::{StoppedOnDrop, TriggerHandle, instant_after, jitter, recorded_from};
 use crate::service::{BackgroundService, ServiceContext, ServiceSpec};
+use crate::status::StatusHandle;
 
 /// What to do with ticks that fall while a run is still going (fixed rate only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -325,100 +350,259 @@ fn advance(at: Instant, period: Duration, n: u64) -> Instant {
     instant_after(at, period.saturating_mul(n))
 }
 
-impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
-    async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
-        // The settings themselves, not the `Arc` around them: a tick then reads them with one load
-        // from this future's state instead of two dependent ones.
-        let svc: &IntervalService<H, Args> = &self.0;
-        svc.trigger.set_stopped(false);
-        let _stopped = StoppedOnDrop(&svc.trigger);
-        let status = ctx.status();
-        let start = Instant::now();
-        // One cancellation waiter and one timer for the service's life, re-armed each tick: creating
-        // and dropping them per tick takes locks, which shows at thousands of timers. The waiter is
-        // polled only when the stop has fired (see `wait`).
-        let cancelled = ctx.token().cancelled();
-        tokio::pin!(cancelled);
-        let mut watch = StopWatch::default();
-        // Boxed, not pinned in this (large) future: the timer wheel walks every timer due at a
-        // tick, and small timers allocated side by side as the services start make that walk touch
-        // far less memory than timers a task's size apart (a third of the wheel's cost at 10,000).
-        let mut sleep = Box::pin(tokio::time::sleep_until(start));
-        match svc.cadence {
+impl<H: Handler<Args>, Args: 'static> IntervalService<H, Args> {
+    /// The plan for the first run of a service started at `start`.
+    fn first_plan(&self, start: Instant) -> Plan {
+        let at = instant_after(start, self.initial_delay.saturating_add(self.phase()));
+        let due = match self.cadence {
+            Cadence::FixedRate(_) => Tick::new(at, self.jitter).due,
+            Cadence::FixedDelay(_) => instant_after(at, jitter(self.jitter)),
+        };
+        Plan { run_at: due, at, due, catch_up: false }
+    }
+
+    /// A plan fell due at `now`: why the run starts, and the grid tick to go on from after it.
+    fn begin(&self, plan: Plan, now: Instant, status: &StatusHandle) -> (Cause, Tick) {
+        match self.cadence {
+            Cadence::FixedRate(_) if plan.catch_up => (Cause::CatchUp, Tick { at: plan.at, due: plan.due }),
             Cadence::FixedRate(period) => {
-                let first = instant_after(start, svc.initial_delay.saturating_add(svc.phase()));
-                let mut next = Tick::new(first, svc.jitter);
-                let mut catch_up = false;
-                loop {
-                    let cause = if std::mem::take(&mut catch_up) {
-                        Cause::CatchUp
-                    } else if svc.trigger.take() {
-                        Cause::Trigger
-                    } else {
-                        status.set_next_due(Some(next.due));
-                        if sleep.deadline() != next.due {
-                            sleep.as_mut().reset(next.due);
-                        }
-                        match wait(sleep.as_mut(), cancelled.as_mut(), &svc.trigger, &mut watch).await {
-                            Woken::Due => Cause::Tick,
-                            Woken::Stop => break,
-                            Woken::Trigger => Cause::Trigger,
-                        }
-                    };
-                    let now = Instant::now();
-                    if cause == Cause::Tick {
-                        // Woken late: ticks that fell due meanwhile fold into this run.
-                        let late = ticks_until(instant_after(next.at, period), period, now);
-                        for _ in 0..late.min(1_000_000) {
-                            status.run_skipped();
-                        }
-                        next = Tick::new(advance(next.at, period, late + 1), svc.jitter);
-                    }
-                    let work = || run_handler(&ctx, &svc.handler, svc.timeout);
-                    let (_, now) = recorded_from(&ctx, cause.as_str(), now, work).await;
-                    // Ticks that fell due during the run: skipped, or one kept (unless stopping).
-                    if next.due <= now && !ctx.is_cancelled() {
-                        let missed = ticks_until(next.at, period, now);
-                        let skipped = match svc.overlap {
-                            Overlap::Skip => missed,
-                            Overlap::RunOnce => {
-                                catch_up = true;
-                                missed.saturating_sub(1)
-                            }
-                        };
-                        for _ in 0..skipped.min(1_000_000) {
-                            status.run_skipped();
-                        }
-                        next = Tick::new(advance(next.at, period, missed), svc.jitter);
-                    }
+                // Woken late: ticks that fell due meanwhile fold into this run.
+                let late = ticks_until(instant_after(plan.at, period), period, now);
+                for _ in 0..late.min(1_000_000) {
+                    status.run_skipped();
                 }
+                (Cause::Tick, Tick::new(advance(plan.at, period, late + 1), self.jitter))
             }
-            Cadence::FixedDelay(delay) => {
-                let mut due = instant_after(
-                    start,
-                    svc.initial_delay.saturating_add(svc.phase()).saturating_add(jitter(svc.jitter)),
-                );
-                loop {
-                    let cause = if svc.trigger.take() {
-                        Cause::Trigger
-                    } else {
-                        status.set_next_due(Some(due));
-                        if sleep.deadline() != due {
-                            sleep.as_mut().reset(due);
-                        }
-                        match wait(sleep.as_mut(), cancelled.as_mut(), &svc.trigger, &mut watch).await {
-                            Woken::Due => Cause::Tick,
-                            Woken::Stop => break,
-                            Woken::Trigger => Cause::Trigger,
-                        }
-                    };
-                    let work = || run_handler(&ctx, &svc.handler, svc.timeout);
-                    let (_, ended) = recorded_from(&ctx, cause.as_str(), Instant::now(), work).await;
-                    due = instant_after(ended, delay.saturating_add(jitter(svc.jitter)));
+            Cadence::FixedDelay(_) => (Cause::Tick, Tick { at: plan.at, due: plan.due }),
+        }
+    }
+
+    /// The plan after a run that ended at `end`, `next` being the grid tick it went on from.
+    fn after_run(&self, next: Tick, end: Instant, ctx: &ServiceContext) -> Plan {
+        let next = match self.cadence {
+            Cadence::FixedRate(period) if next.due <= end && !ctx.is_cancelled() => {
+                // Ticks that fell due during the run: skipped, or one kept.
+                let missed = ticks_until(next.at, period, end);
+                let skipped = match self.overlap {
+                    Overlap::Skip => missed,
+                    Overlap::RunOnce => missed.saturating_sub(1),
+                };
+                for _ in 0..skipped.min(1_000_000) {
+                    ctx.status().run_skipped();
                 }
+                let next = Tick::new(advance(next.at, period, missed), self.jitter);
+                if self.overlap == Overlap::RunOnce {
+                    return Plan { run_at: end, at: next.at, due: next.due, catch_up: true };
+                }
+                next
+            }
+            Cadence::FixedRate(_) => next,
+            Cadence::FixedDelay(delay) => {
+                let due = instant_after(end, delay.saturating_add(jitter(self.jitter)));
+                Tick { at: due, due }
+            }
+        };
+        ctx.status().set_next_due(Some(next.due));
+        Plan { run_at: next.due, at: next.at, due: next.due, catch_up: false }
+    }
+}
+
+/// One running interval service, as its runtime's tick driver and its own task share it.
+struct Slot<H, Args> {
+    service: Arc<IntervalService<H, Args>>,
+    ctx: ServiceContext,
+    state: Mutex<SlotState>,
+    /// The service's own task, waiting for a run handed to it, a trigger or the stop.
+    task: AtomicWaker,
+    /// How many runs in a row held the driver past [`HEAVY_FIRST_STEP`] with their first step;
+    /// at [`HEAVY_IN_A_ROW`] each later run starts in the service's own task. Only the driver
+    /// touches it.
+    slow_first_steps: AtomicU8,
+}
+
+struct SlotState {
+    phase: Phase,
+    /// The service's task waits for the driver to finish a run's first step.
+    wake_when_idle: bool,
+}
+
+/// Who is running the service now.
+enum Phase {
+    /// No one: the driver holds its next plan.
+    Idle,
+    /// The driver, polling a run's first step.
+    Driver,
+    /// The service's own task: a run handed to it (`run`, until the task takes it), or one it
+    /// started itself (a trigger). A plan that falls due meanwhile is `parked` until the run ends.
+    Task { run: Option<(RunFuture, Tick)>, parked: Option<Tick> },
+    /// The service has stopped; plans still in the driver's heap are dropped as they fall due.
+    Stopped,
+}
+
+/// A run's first step longer than this, [`HEAVY_IN_A_ROW`] runs in a row, moves the service's runs
+/// off the driver: a handler that computes for long before its first await would otherwise hold
+/// up every service due after it. (Two in a row, so that one preemption of the thread does not.)
+const HEAVY_FIRST_STEP: Duration = Duration::from_millis(1);
+const HEAVY_IN_A_ROW: u8 = 2;
+
+impl<H: Handler<Args>, Args: 'static> Slot<H, Args> {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The run's future, recorded in the status view; its output is when it ended.
+    fn run(self: &Arc<Self>, cause: Cause, start: Instant) -> RunFuture {
+        let slot = self.clone();
+        Box::pin(async move {
+            let service = &slot.service;
+            let work = || run_handler(&slot.ctx, &service.handler, service.timeout);
+            recorded_from(&slot.ctx, cause.as_str(), start, work).await.1
+        })
+    }
+
+    /// Counts a run's first step that held the driver too long; any other resets the count.
+    fn time_first_step(&self, took: Duration) {
+        let slow = &self.slow_first_steps;
+        slow.store(if took > HEAVY_FIRST_STEP { slow.load(Ordering::Relaxed) + 1 } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// The driver is done with a run's first step: the service is idle again.
+    fn idle(&self) {
+        let mut state = self.lock();
+        state.phase = Phase::Idle;
+        if std::mem::take(&mut state.wake_when_idle) {
+            self.task.wake();
+        }
+    }
+
+    /// A run in the service's task ended at `end`: gives a plan parked meanwhile back to the driver.
+    fn task_run_ended(self: &Arc<Self>, went_on_from: Option<Tick>, end: Instant, registration: &Registration) {
+        let parked = {
+            let mut state = self.lock();
+            let Phase::Task { parked, .. } = std::mem::replace(&mut state.phase, Phase::Idle) else { return };
+            parked
+        };
+        if let Some(next) = went_on_from.or(parked) {
+            let plan = self.service.after_run(next, end, &self.ctx);
+            registration.schedule(plan, self.clone());
+        }
+    }
+}
+
+impl<H: Handler<Args>, Args: 'static> Timed for Slot<H, Args> {
+    fn fire(self: Arc<Self>, plan: Plan, clock: &mut Instant) -> Option<Plan> {
+        let now = *clock;
+        {
+            let mut state = self.lock();
+            match &mut state.phase {
+                Phase::Idle => state.phase = Phase::Driver,
+                // A tick during a run in the service's task: the task applies the overlap policy
+                // when the run ends.
+                Phase::Task { parked, .. } => {
+                    *parked = Some(Tick { at: plan.at, due: plan.due });
+                    return None;
+                }
+                Phase::Driver | Phase::Stopped => return None,
             }
         }
-        status.set_next_due(None);
+        let (cause, next) = self.service.begin(plan, now, self.ctx.status());
+        let mut run = self.run(cause, now);
+        if self.slow_first_steps.load(Ordering::Relaxed) < HEAVY_IN_A_ROW {
+            // A run's first step, here: with the no-op waker, for the task it is handed to polls it
+            // again at once, and a future registers its waker anew at every poll.
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(end) = run.as_mut().poll(&mut cx) {
+                *clock = end;
+                self.time_first_step(end.saturating_duration_since(now));
+                let plan = self.service.after_run(next, end, &self.ctx);
+                self.idle();
+                return Some(plan);
+            }
+            *clock = Instant::now();
+            self.time_first_step(clock.saturating_duration_since(now));
+        }
+        let mut state = self.lock();
+        state.phase = Phase::Task { run: Some((run, next)), parked: None };
+        state.wake_when_idle = false;
+        drop(state);
+        self.task.wake();
+        None
+    }
+}
+
+/// What the service's own task does next.
+enum Step {
+    /// Drive a run the driver handed over.
+    Drive(RunFuture, Tick),
+    /// Run now, for a trigger.
+    Trigger,
+    /// Stop: the service is off the driver.
+    Stop,
+}
+
+impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
+    async fn execute(&self, ctx: ServiceContext) -> Result<(), BoxError> {
+        let service = &self.0;
+        service.trigger.set_stopped(false);
+        let _stopped = StoppedOnDrop(&service.trigger);
+        let first = service.first_plan(Instant::now());
+        ctx.status().set_next_due(Some(first.run_at));
+        let slot = Arc::new(Slot {
+            service: self.0.clone(),
+            ctx: ctx.clone(),
+            state: Mutex::new(SlotState { phase: Phase::Idle, wake_when_idle: false }),
+            task: AtomicWaker::new(),
+            slow_first_steps: AtomicU8::new(0),
+        });
+        let registration = driver::register(slot.clone(), first);
+        let cancelled = ctx.token().cancelled();
+        tokio::pin!(cancelled);
+        let mut stopping = false;
+        loop {
+            let step = std::future::poll_fn(|cx| {
+                slot.task.register(cx.waker());
+                let mut state = slot.lock();
+                if let Phase::Task { run, .. } = &mut state.phase
+                    && let Some((run, next)) = run.take()
+                {
+                    return Poll::Ready(Step::Drive(run, next));
+                }
+                stopping = stopping || cancelled.as_mut().poll(cx).is_ready();
+                let wanted = if stopping {
+                    Step::Stop
+                } else if std::pin::pin!(service.trigger.notified()).poll(cx).is_ready() {
+                    Step::Trigger
+                } else {
+                    return Poll::Pending;
+                };
+                match state.phase {
+                    Phase::Idle if matches!(wanted, Step::Stop) => state.phase = Phase::Stopped,
+                    Phase::Idle => state.phase = Phase::Task { run: None, parked: None },
+                    // The driver is polling a run's first step: wait for it to end.
+                    Phase::Driver => {
+                        state.wake_when_idle = true;
+                        return Poll::Pending;
+                    }
+                    Phase::Task { .. } | Phase::Stopped => {}
+                }
+                Poll::Ready(wanted)
+            })
+            .await;
+            match step {
+                Step::Drive(run, next) => {
+                    let end = run.await;
+                    slot.task_run_ended(Some(next), end, &registration);
+                }
+                Step::Trigger => {
+                    service.trigger.take();
+                    let end = slot.run(Cause::Trigger, Instant::now()).await;
+                    slot.task_run_ended(None, end, &registration);
+                }
+                Step::Stop => break,
+            }
+        }
+        drop(registration);
+        ctx.status().set_next_due(None);
         Ok(())
     }
 }

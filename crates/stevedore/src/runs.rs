@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use std::pin::Pin;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFuture;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::handler::RunResult;
@@ -210,21 +208,8 @@ pub struct TriggerHandle {
 struct TriggerInner {
     pending: AtomicBool,
     stopped: AtomicBool,
-    /// Raised when the service's cancellation fires, through the waker [`wait`] hands to it.
-    stop_woken: AtomicBool,
-    /// The one waiter (the service's loop); lock-free, unlike a `Notify`, which matters at 10,000 timers.
+    /// The one waiter (the service's task); lock-free, unlike a `Notify`.
     waker: AtomicWaker,
-}
-
-/// As a waker, the trigger stands for the service's stop: it raises the stop flag and wakes the loop.
-impl Wake for TriggerInner {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.stop_woken.store(true, Ordering::Release);
-        self.waker.wake();
-    }
 }
 
 impl TriggerHandle {
@@ -256,9 +241,6 @@ impl TriggerHandle {
 
     pub(crate) fn set_stopped(&self, stopped: bool) {
         self.inner.stopped.store(stopped, Ordering::Release);
-        if !stopped {
-            self.inner.stop_woken.store(false, Ordering::Release);
-        }
     }
 }
 
@@ -266,53 +248,6 @@ impl TriggerHandle {
 /// usual case, at every tick) costs no locked instruction.
 fn take_flag(flag: &AtomicBool) -> bool {
     flag.load(Ordering::Acquire) && flag.swap(false, Ordering::AcqRel)
-}
-
-/// What ended a [`wait`].
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Woken {
-    /// The timer fired.
-    Due,
-    /// A trigger was pending, and is now taken.
-    Trigger,
-    /// The service is asked to stop.
-    Stop,
-}
-
-/// The part of a timed loop's waits that outlives each one: the waker its stop was registered with.
-#[derive(Default)]
-pub(crate) struct StopWatch {
-    waker: Option<Waker>,
-}
-
-/// Waits for `timer`, a trigger or the stop, in that order of precedence.
-///
-/// The stop is watched through the trigger. `stop` is polled once, with a waker that raises the
-/// trigger's stop flag and wakes the loop, and again only when that flag is up: polling it at
-/// every wait takes two locks on the service's token, a cold cache line at each tick of 10,000
-/// timers. The flag, unlike a wake, cannot be lost: a stop that fires during a run is seen at the
-/// next wait.
-pub(crate) fn wait<'a>(
-    mut timer: Pin<&'a mut Sleep>,
-    mut stop: Pin<&'a mut WaitForCancellationFuture<'_>>,
-    trigger: &'a TriggerHandle,
-    watch: &'a mut StopWatch,
-) -> impl Future<Output = Woken> + 'a {
-    std::future::poll_fn(move |cx| {
-        if timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Woken::Due);
-        }
-        let inner = &trigger.inner;
-        // Registered before the flags are read: a trigger or stop after the reads wakes this waker.
-        inner.waker.register(cx.waker());
-        if watch.waker.is_none() || take_flag(&inner.stop_woken) {
-            let waker = watch.waker.get_or_insert_with(|| Waker::from(inner.clone()));
-            if stop.as_mut().poll(&mut Context::from_waker(waker)).is_ready() {
-                return Poll::Ready(Woken::Stop);
-            }
-        }
-        if trigger.take() { Poll::Ready(Woken::Trigger) } else { Poll::Pending }
-    })
 }
 
 impl ServiceControl for TriggerHandle {

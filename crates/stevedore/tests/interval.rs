@@ -443,3 +443,103 @@ async fn delays_past_what_the_clock_holds_mean_never_not_a_panic() {
         assert_eq!(s.state, ServiceState::Stopped, "{name}: {s:?}");
     }
 }
+
+// The tick driver: every interval service's runs start from a few shared tasks per runtime, not
+// from a timer of each service's own.
+
+#[tokio::test(start_paused = true)]
+async fn thousands_of_services_each_run_on_their_own_grid() {
+    let noop = || async { Ok::<_, BoxError>(()) };
+    let mut builder = builder();
+    for i in 0..3_000 {
+        // Three phases (0, 30 and 60 ms) and two periods (100 and 200 ms), so that the shared
+        // heap interleaves services that fall due at different times.
+        let period = Duration::from_millis(if i % 2 == 0 { 100 } else { 200 });
+        let timer = IntervalService::fixed_rate(format!("timer-{i}"), period, noop)
+            .initial_delay(Duration::from_millis(30 * (i % 3)));
+        builder = builder.add(timer.into_spec());
+    }
+    let host = builder.build().unwrap();
+    // Stopped at 1,010 ms: runs at phase + k * period up to then.
+    let (report, status) = run_for(host, Duration::from_millis(1_010)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    for i in 0..3_000u64 {
+        let runs = status.service(&format!("timer-{i}")).unwrap().runs;
+        let (period, phase) = (if i % 2 == 0 { 100 } else { 200 }, 30 * (i % 3));
+        let expected = (1_010 - phase).div_ceil(period);
+        assert_eq!((runs.started, runs.succeeded, runs.skipped), (expected, expected, 0), "timer-{i}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_that_waits_holds_up_no_other_service() {
+    let (slow, quick) = (Starts::new(), Starts::new());
+    // Each slow run waits 25 s; the quick service's runs on the same driver keep their grid.
+    let slow_timer = IntervalService::fixed_rate("slow", secs(10), timed(&slow, |_| secs(25)));
+    let quick_timer = IntervalService::fixed_rate("quick", secs(1), timed(&quick, |_| Duration::ZERO));
+    let host = builder().add(slow_timer.into_spec()).add(quick_timer.into_spec()).build().unwrap();
+    let (_, status) = run_for(host, Duration::from_millis(60_500)).await;
+    assert_eq!(slow.get(), [0.0, 30.0, 60.0]);
+    assert_eq!(quick.get(), (0..=60).map(f64::from).collect::<Vec<_>>());
+    assert_eq!(status.service("slow").unwrap().runs.skipped, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hosts_on_one_runtime_come_and_go_without_disturbing_each_other() {
+    let (a, b, c) = (Starts::new(), Starts::new(), Starts::new());
+    let host_a =
+        builder().add(IntervalService::fixed_rate("a", secs(1), timed(&a, |_| Duration::ZERO)).into_spec()).build();
+    let host_b =
+        builder().add(IntervalService::fixed_rate("b", secs(1), timed(&b, |_| Duration::ZERO)).into_spec()).build();
+    let (host_a, host_b) = (host_a.unwrap(), host_b.unwrap());
+    let both =
+        tokio::join!(run_for(host_a, Duration::from_millis(3_500)), run_for(host_b, Duration::from_millis(6_500)));
+    assert!(both.0.0.is_clean() && both.1.0.is_clean());
+    assert_eq!(a.get(), [0.0, 1.0, 2.0, 3.0], "a stops at 3.5 s");
+    assert_eq!(b.get(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "b goes on after a has stopped");
+    // Every service on the runtime has stopped; a new host's services start the driver again.
+    let host_c =
+        builder().add(IntervalService::fixed_rate("c", secs(1), timed(&c, |_| Duration::ZERO)).into_spec()).build();
+    let (report, _) = run_for(host_c.unwrap(), Duration::from_millis(2_500)).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    let t = (Instant::now() - c.t0).as_secs_f64();
+    assert_eq!(c.get(), [t - 2.5, t - 1.5, t - 0.5]);
+}
+
+/// The task each run of a service ran in.
+fn task_ids(
+    record: Arc<Mutex<Vec<tokio::task::Id>>>,
+    compute: Duration,
+) -> impl Fn() -> std::future::Ready<Result<(), BoxError>> + Clone + Send + Sync + 'static {
+    move || {
+        record.lock().unwrap().push(tokio::task::id());
+        // Work done before the run's first await, as a handler that computes in place does.
+        std::thread::sleep(compute);
+        std::future::ready(Ok(()))
+    }
+}
+
+// The real clock: what moves a service off the driver is how long its runs' first steps really take.
+#[tokio::test]
+async fn a_service_whose_runs_compute_before_their_first_await_moves_to_its_own_task() {
+    let (heavy, light) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let period = Duration::from_millis(20);
+    let heavy_timer = IntervalService::fixed_rate("heavy", period, task_ids(heavy.clone(), Duration::from_millis(5)));
+    let light_timer = IntervalService::fixed_rate("light", period, task_ids(light.clone(), Duration::ZERO));
+    let host = builder().add(heavy_timer.into_spec()).add(light_timer.into_spec()).build().unwrap();
+    let lifetime = host.lifetime();
+    let run = tokio::spawn(host.run());
+    // Wait for four runs of the heavy service and three of the light, however long this machine takes for them.
+    while heavy.lock().unwrap().len() < 4 || light.lock().unwrap().len() < 3 {
+        tokio::time::sleep(period).await;
+    }
+    lifetime.request_stop();
+    assert!(run.await.unwrap().is_clean());
+    let (heavy, light) = (heavy.lock().unwrap().clone(), light.lock().unwrap().clone());
+    // The light service's runs all start in the driver's task (on a one-thread runtime, one shard)...
+    assert!(light.iter().all(|id| *id == light[0]), "light runs in one task: {light:?}");
+    // ...as did the heavy one's first two, which took 5 ms there each; after them, each starts in
+    // the heavy service's own task.
+    assert!(heavy[..2].iter().all(|id| *id == light[0]), "first heavy runs on the driver: {heavy:?} {light:?}");
+    assert!(heavy[2..].iter().all(|id| *id == heavy[2] && *id != light[0]), "then its own task: {heavy:?}");
+}
