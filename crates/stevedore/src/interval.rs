@@ -91,7 +91,7 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
 
-use self::driver::{Plan, Registration, RunFuture, Timed};
+use self::driver::{Registration, RunFuture, Timed};
 use crate::error::BoxError;
 use crate::handler::{Handler, run_handler};
 use crate::runs::{StoppedOnDrop, TriggerHandle, instant_after, jitter, recorded_from};
@@ -358,22 +358,39 @@ impl<H: Handler<Args>, Args: 'static> IntervalService<H, Args> {
             Cadence::FixedRate(_) => Tick::new(at, self.jitter).due,
             Cadence::FixedDelay(_) => instant_after(at, jitter(self.jitter)),
         };
-        Plan { run_at: due, at, due, catch_up: false }
+        Plan::on(Tick { at, due })
+    }
+
+    /// A copy for a running service to keep beside its state (not `Clone`: two services with one
+    /// name and one trigger are not something to offer).
+    fn copy(&self) -> Self {
+        IntervalService {
+            name: self.name.clone(),
+            cadence: self.cadence,
+            initial_delay: self.initial_delay,
+            spread_phase: self.spread_phase,
+            overlap: self.overlap,
+            jitter: self.jitter,
+            timeout: self.timeout,
+            handler: self.handler.clone(),
+            trigger: self.trigger.clone(),
+            _args: PhantomData,
+        }
     }
 
     /// A plan fell due at `now`: why the run starts, and the grid tick to go on from after it.
     fn begin(&self, plan: Plan, now: Instant, status: &StatusHandle) -> (Cause, Tick) {
         match self.cadence {
-            Cadence::FixedRate(_) if plan.catch_up => (Cause::CatchUp, Tick { at: plan.at, due: plan.due }),
+            Cadence::FixedRate(_) if plan.catch_up => (Cause::CatchUp, plan.tick),
             Cadence::FixedRate(period) => {
                 // Woken late: ticks that fell due meanwhile fold into this run.
-                let late = ticks_until(instant_after(plan.at, period), period, now);
+                let late = ticks_until(instant_after(plan.tick.at, period), period, now);
                 for _ in 0..late.min(1_000_000) {
                     status.run_skipped();
                 }
-                (Cause::Tick, Tick::new(advance(plan.at, period, late + 1), self.jitter))
+                (Cause::Tick, Tick::new(advance(plan.tick.at, period, late + 1), self.jitter))
             }
-            Cadence::FixedDelay(_) => (Cause::Tick, Tick { at: plan.at, due: plan.due }),
+            Cadence::FixedDelay(_) => (Cause::Tick, plan.tick),
         }
     }
 
@@ -392,7 +409,7 @@ impl<H: Handler<Args>, Args: 'static> IntervalService<H, Args> {
                 }
                 let next = Tick::new(advance(next.at, period, missed), self.jitter);
                 if self.overlap == Overlap::RunOnce {
-                    return Plan { run_at: end, at: next.at, due: next.due, catch_up: true };
+                    return Plan { run_at: end, tick: next, catch_up: true };
                 }
                 next
             }
@@ -403,39 +420,67 @@ impl<H: Handler<Args>, Args: 'static> IntervalService<H, Args> {
             }
         };
         ctx.status().set_next_due(Some(next.due));
-        Plan { run_at: next.due, at: next.at, due: next.due, catch_up: false }
+        Plan::on(next)
+    }
+}
+
+/// When a service's next run is due, and what its policies need to know then.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// When the run starts.
+    run_at: Instant,
+    /// The grid tick it is for (fixed rate) and when that fell due, with its jitter: for a
+    /// catch-up run ([`Overlap::RunOnce`]), not `run_at`.
+    tick: Tick,
+    catch_up: bool,
+}
+
+impl Plan {
+    fn on(tick: Tick) -> Self {
+        Plan { run_at: tick.due, tick, catch_up: false }
     }
 }
 
 /// One running interval service, as its runtime's tick driver and its own task share it.
+///
+/// The service's settings and handler are copied in, so that a tick finds everything it reads
+/// in one allocation: at thousands of services each further one is a cache miss per tick.
 struct Slot<H, Args> {
-    service: Arc<IntervalService<H, Args>>,
+    service: IntervalService<H, Args>,
     ctx: ServiceContext,
     state: Mutex<SlotState>,
-    /// The service's own task, waiting for a run handed to it, a trigger or the stop.
-    task: AtomicWaker,
     /// How many runs in a row held the driver past [`HEAVY_FIRST_STEP`] with their first step;
     /// at [`HEAVY_IN_A_ROW`] each later run starts in the service's own task. Only the driver
     /// touches it.
     slow_first_steps: AtomicU8,
+    /// The service's own task, waiting for a run handed to it, a trigger or the stop.
+    task: AtomicWaker,
 }
 
 struct SlotState {
     phase: Phase,
+    /// The service's next plan while the driver holds it (`scheduled`); otherwise the tick a run
+    /// in the service's task goes on from when it ends.
+    plan: Plan,
+    /// Whether the driver holds the plan. (A plan that falls due during a run in the service's
+    /// task is given back, not run: the task applies the overlap policy when the run ends.)
+    scheduled: bool,
+    /// A run the driver handed to the service's task, until the task takes it.
+    handed: Option<RunFuture>,
     /// The service's task waits for the driver to finish a run's first step.
     wake_when_idle: bool,
 }
 
 /// Who is running the service now.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// No one: the driver holds its next plan.
+    /// No one.
     Idle,
     /// The driver, polling a run's first step.
     Driver,
-    /// The service's own task: a run handed to it (`run`, until the task takes it), or one it
-    /// started itself (a trigger). A plan that falls due meanwhile is `parked` until the run ends.
-    Task { run: Option<(RunFuture, Tick)>, parked: Option<Tick> },
-    /// The service has stopped; plans still in the driver's heap are dropped as they fall due.
+    /// The service's own task: a run handed to it, or one it started itself (a trigger).
+    Task,
+    /// The service has stopped; its plan is dropped when it falls due.
     Stopped,
 }
 
@@ -466,45 +511,36 @@ impl<H: Handler<Args>, Args: 'static> Slot<H, Args> {
         slow.store(if took > HEAVY_FIRST_STEP { slow.load(Ordering::Relaxed) + 1 } else { 0 }, Ordering::Relaxed);
     }
 
-    /// The driver is done with a run's first step: the service is idle again.
-    fn idle(&self) {
+    /// A run in the service's task ended at `end`: the service is idle again, and, unless the
+    /// driver still holds its plan, the next one goes to the driver.
+    fn task_run_ended(self: &Arc<Self>, end: Instant, registration: &Registration) {
         let mut state = self.lock();
         state.phase = Phase::Idle;
-        if std::mem::take(&mut state.wake_when_idle) {
-            self.task.wake();
+        if state.scheduled {
+            return;
         }
-    }
-
-    /// A run in the service's task ended at `end`: gives a plan parked meanwhile back to the driver.
-    fn task_run_ended(self: &Arc<Self>, went_on_from: Option<Tick>, end: Instant, registration: &Registration) {
-        let parked = {
-            let mut state = self.lock();
-            let Phase::Task { parked, .. } = std::mem::replace(&mut state.phase, Phase::Idle) else { return };
-            parked
-        };
-        if let Some(next) = went_on_from.or(parked) {
-            let plan = self.service.after_run(next, end, &self.ctx);
-            registration.schedule(plan, self.clone());
-        }
+        let plan = self.service.after_run(state.plan.tick, end, &self.ctx);
+        state.plan = plan;
+        state.scheduled = true;
+        drop(state);
+        registration.schedule(plan.run_at, self.clone());
     }
 }
 
 impl<H: Handler<Args>, Args: 'static> Timed for Slot<H, Args> {
-    fn fire(self: Arc<Self>, plan: Plan, clock: &mut Instant) -> Option<Plan> {
+    fn fire(self: Arc<Self>, clock: &mut Instant) -> Option<Instant> {
         let now = *clock;
-        {
+        let plan = {
             let mut state = self.lock();
-            match &mut state.phase {
-                Phase::Idle => state.phase = Phase::Driver,
-                // A tick during a run in the service's task: the task applies the overlap policy
-                // when the run ends.
-                Phase::Task { parked, .. } => {
-                    *parked = Some(Tick { at: plan.at, due: plan.due });
-                    return None;
-                }
-                Phase::Driver | Phase::Stopped => return None,
+            state.scheduled = false;
+            if state.phase != Phase::Idle {
+                // During a run in the service's task, the plan stays for the task to go on from;
+                // after the stop, it is dropped.
+                return None;
             }
-        }
+            state.phase = Phase::Driver;
+            state.plan
+        };
         let (cause, next) = self.service.begin(plan, now, self.ctx.status());
         let mut run = self.run(cause, now);
         if self.slow_first_steps.load(Ordering::Relaxed) < HEAVY_IN_A_ROW {
@@ -515,14 +551,22 @@ impl<H: Handler<Args>, Args: 'static> Timed for Slot<H, Args> {
                 *clock = end;
                 self.time_first_step(end.saturating_duration_since(now));
                 let plan = self.service.after_run(next, end, &self.ctx);
-                self.idle();
-                return Some(plan);
+                let mut state = self.lock();
+                state.phase = Phase::Idle;
+                state.plan = plan;
+                state.scheduled = true;
+                if std::mem::take(&mut state.wake_when_idle) {
+                    self.task.wake();
+                }
+                return Some(plan.run_at);
             }
             *clock = Instant::now();
             self.time_first_step(clock.saturating_duration_since(now));
         }
         let mut state = self.lock();
-        state.phase = Phase::Task { run: Some((run, next)), parked: None };
+        state.phase = Phase::Task;
+        state.plan = Plan::on(next);
+        state.handed = Some(run);
         state.wake_when_idle = false;
         drop(state);
         self.task.wake();
@@ -533,7 +577,7 @@ impl<H: Handler<Args>, Args: 'static> Timed for Slot<H, Args> {
 /// What the service's own task does next.
 enum Step {
     /// Drive a run the driver handed over.
-    Drive(RunFuture, Tick),
+    Drive(RunFuture),
     /// Run now, for a trigger.
     Trigger,
     /// Stop: the service is off the driver.
@@ -548,13 +592,19 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
         let first = service.first_plan(Instant::now());
         ctx.status().set_next_due(Some(first.run_at));
         let slot = Arc::new(Slot {
-            service: self.0.clone(),
+            service: service.copy(),
             ctx: ctx.clone(),
-            state: Mutex::new(SlotState { phase: Phase::Idle, wake_when_idle: false }),
-            task: AtomicWaker::new(),
+            state: Mutex::new(SlotState {
+                phase: Phase::Idle,
+                plan: first,
+                scheduled: true,
+                handed: None,
+                wake_when_idle: false,
+            }),
             slow_first_steps: AtomicU8::new(0),
+            task: AtomicWaker::new(),
         });
-        let registration = driver::register(slot.clone(), first);
+        let registration = driver::register(slot.clone(), first.run_at);
         let cancelled = ctx.token().cancelled();
         tokio::pin!(cancelled);
         let mut stopping = false;
@@ -562,10 +612,8 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
             let step = std::future::poll_fn(|cx| {
                 slot.task.register(cx.waker());
                 let mut state = slot.lock();
-                if let Phase::Task { run, .. } = &mut state.phase
-                    && let Some((run, next)) = run.take()
-                {
-                    return Poll::Ready(Step::Drive(run, next));
+                if let Some(run) = state.handed.take() {
+                    return Poll::Ready(Step::Drive(run));
                 }
                 stopping = stopping || cancelled.as_mut().poll(cx).is_ready();
                 let wanted = if stopping {
@@ -577,26 +625,26 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
                 };
                 match state.phase {
                     Phase::Idle if matches!(wanted, Step::Stop) => state.phase = Phase::Stopped,
-                    Phase::Idle => state.phase = Phase::Task { run: None, parked: None },
+                    Phase::Idle => state.phase = Phase::Task,
                     // The driver is polling a run's first step: wait for it to end.
                     Phase::Driver => {
                         state.wake_when_idle = true;
                         return Poll::Pending;
                     }
-                    Phase::Task { .. } | Phase::Stopped => {}
+                    Phase::Task | Phase::Stopped => {}
                 }
                 Poll::Ready(wanted)
             })
             .await;
             match step {
-                Step::Drive(run, next) => {
+                Step::Drive(run) => {
                     let end = run.await;
-                    slot.task_run_ended(Some(next), end, &registration);
+                    slot.task_run_ended(end, &registration);
                 }
                 Step::Trigger => {
                     service.trigger.take();
                     let end = slot.run(Cause::Trigger, Instant::now()).await;
-                    slot.task_run_ended(None, end, &registration);
+                    slot.task_run_ended(end, &registration);
                 }
                 Step::Stop => break,
             }

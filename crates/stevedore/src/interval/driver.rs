@@ -12,7 +12,7 @@
 //! What a service does at a tick (the policies) lives with the service, behind [`Timed`]; this
 //! module only keeps time.
 
-use std::cmp::Reverse;
+use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::future::Future;
 use std::pin::Pin;
@@ -25,87 +25,78 @@ use tokio::time::Instant;
 
 use crate::runs::instant_after;
 
-/// When a service's next run is due, and what the service needs to know about it then.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Plan {
-    /// When the driver starts the run.
-    pub(crate) run_at: Instant,
-    /// The grid point the run is for (fixed rate), for the service's policies.
-    pub(crate) at: Instant,
-    /// When that grid point falls due, with its jitter: `run_at`, but for a catch-up run.
-    pub(crate) due: Instant,
-    /// A catch-up run ([`Overlap::RunOnce`](super::Overlap::RunOnce)), not a tick.
-    pub(crate) catch_up: bool,
-}
-
-/// A service the driver keeps time for.
+/// A service the driver keeps time for. The service keeps its own plan; the driver keeps only
+/// when it falls due.
 pub(crate) trait Timed: Send + Sync + 'static {
-    /// `plan` fell due at `clock`, the time now: start the run. Returns the next plan when the run
-    /// ended here; `None` when the service took the run (or the plan) into its own task, which then
-    /// gives the next plan back through its [`Registration`]. A service that reads the clock moves
-    /// `clock` on, so that the driver need not read it again for the next service.
-    fn fire(self: Arc<Self>, plan: Plan, clock: &mut Instant) -> Option<Plan>;
+    /// The service's plan fell due at `clock`, the time now: start the run. Returns when the
+    /// next is due if the run ended here; `None` when the service took the run (or the plan) into
+    /// its own task, which then gives the next time back through its [`Registration`]. A service
+    /// that reads the clock moves `clock` on, so that the driver need not read it again.
+    fn fire(self: Arc<Self>, clock: &mut Instant) -> Option<Instant>;
 }
 
+/// One service's next run in a shard's heap: when, in nanoseconds from the shard's origin, and
+/// whose. 24 bytes: at thousands of services, sifting larger entries through the heap took a
+/// fifth of the driver's time.
 struct Entry {
-    plan: Plan,
+    at: u64,
     service: Arc<dyn Timed>,
 }
 
-/// A shard's plans in time order. The heap holds only small keys (when, and where in `entries`
-/// the plan is): at thousands of services, sifting whole entries through it took a fifth of the
-/// driver's time.
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+/// Reversed, so that `BinaryHeap` (a max-heap) pops the earliest.
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        other.at.cmp(&self.at)
+    }
+}
+
+/// A shard's services in the order their runs fall due.
 struct Plans {
-    /// The driver's time origin: keys count nanoseconds from it.
     origin: Instant,
-    keys: BinaryHeap<Reverse<(u64, u32)>>,
-    entries: Vec<Option<Entry>>,
-    free: Vec<u32>,
+    heap: BinaryHeap<Entry>,
 }
 
 impl Plans {
     fn new() -> Self {
-        Plans { origin: Instant::now(), keys: BinaryHeap::new(), entries: Vec::new(), free: Vec::new() }
+        Plans { origin: Instant::now(), heap: BinaryHeap::new() }
     }
 
     fn key(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn push(&mut self, entry: Entry) {
-        let at = self.key(entry.plan.run_at);
-        let index = match self.free.pop() {
-            Some(index) => {
-                self.entries[index as usize] = Some(entry);
-                index
-            }
-            None => {
-                self.entries.push(Some(entry));
-                u32::try_from(self.entries.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
-        self.keys.push(Reverse((at, index)));
+    fn push(&mut self, at: Instant, service: Arc<dyn Timed>) {
+        let at = self.key(at);
+        self.heap.push(Entry { at, service });
     }
 
-    /// The earliest plan's time.
+    /// When the earliest run is due.
     fn next_at(&self) -> Option<Instant> {
-        let Reverse((at, _)) = self.keys.peek()?;
-        Some(instant_after(self.origin, Duration::from_nanos(*at)))
+        let entry = self.heap.peek()?;
+        Some(instant_after(self.origin, Duration::from_nanos(entry.at)))
     }
 
-    /// The earliest plan, if it is due at `now`.
-    fn pop_due(&mut self, now: Instant) -> Option<Entry> {
-        let Reverse((at, index)) = *self.keys.peek()?;
-        if at > self.key(now) {
+    /// The service whose run is earliest, if it is due at `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<Arc<dyn Timed>> {
+        if self.heap.peek()?.at > self.key(now) {
             return None;
         }
-        self.keys.pop();
-        self.free.push(index);
-        self.entries.get_mut(index as usize)?.take()
+        self.heap.pop().map(|entry| entry.service)
     }
 
     fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.heap.is_empty()
     }
 }
 
@@ -123,8 +114,8 @@ struct Shard {
 
 #[derive(Default)]
 struct ShardInner {
-    /// Plans handed in since the driver last looked (a new service, or one back from a long run).
-    incoming: Vec<Entry>,
+    /// Runs handed in since the driver last looked (a new service, or one back from a long run).
+    incoming: Vec<(Instant, Arc<dyn Timed>)>,
     /// Services registered with this shard and not yet stopped: the driver ends at zero.
     services: usize,
     /// Whether the shard's task is running.
@@ -140,8 +131,8 @@ impl Shard {
 }
 
 impl ShardInner {
-    fn push(&mut self, plan: Plan, service: Arc<dyn Timed>) {
-        self.incoming.push(Entry { plan, service });
+    fn push(&mut self, at: Instant, service: Arc<dyn Timed>) {
+        self.incoming.push((at, service));
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
@@ -172,8 +163,8 @@ pub(crate) struct Registration {
     shard: usize,
 }
 
-/// Puts `service` on the current runtime's driver, its first run due as `first` says.
-pub(crate) fn register(service: Arc<dyn Timed>, first: Plan) -> Registration {
+/// Puts `service` on the current runtime's driver, its first run due at `first`.
+pub(crate) fn register(service: Arc<dyn Timed>, first: Instant) -> Registration {
     let runtime = tokio::runtime::Handle::current();
     let driver = driver_for(&runtime);
     let shard = driver.next_shard.fetch_add(1, Ordering::Relaxed) % driver.shards.len();
@@ -188,9 +179,9 @@ pub(crate) fn register(service: Arc<dyn Timed>, first: Plan) -> Registration {
 }
 
 impl Registration {
-    /// Gives the service's next plan back to the driver (after a run in the service's own task).
-    pub(crate) fn schedule(&self, plan: Plan, service: Arc<dyn Timed>) {
-        self.driver.shards[self.shard].lock().push(plan, service);
+    /// Gives the service's next run back to the driver (after a run in the service's own task).
+    pub(crate) fn schedule(&self, at: Instant, service: Arc<dyn Timed>) {
+        self.driver.shards[self.shard].lock().push(at, service);
     }
 }
 
@@ -222,15 +213,15 @@ async fn drive(driver: Arc<Driver>, index: usize) {
                 inner.running = false;
                 return;
             }
-            for entry in inner.incoming.drain(..) {
-                plans.push(entry);
+            for (at, service) in inner.incoming.drain(..) {
+                plans.push(at, service);
             }
         }
         let mut now = Instant::now();
         let mut in_turn = 0;
-        while let Some(entry) = plans.pop_due(now) {
-            if let Some(plan) = entry.service.clone().fire(entry.plan, &mut now) {
-                plans.push(Entry { plan, ..entry });
+        while let Some(service) = plans.pop_due(now) {
+            if let Some(at) = service.clone().fire(&mut now) {
+                plans.push(at, service);
             }
             in_turn += 1;
             // Each run's first step is polled in this task, so it spends this task's tokio budget:
