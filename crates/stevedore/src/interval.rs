@@ -73,8 +73,8 @@
 //! `tokio::time::interval` loops, and keeps the p99 lateness of timers all started together under
 //! 2 ms where the bare loops miss it (`BENCHMARKS.md`, thirteenth session).
 //!
-//! The driver runs 64 due runs at most before it yields, so a burst of them does not hold a
-//! worker thread away from other tasks (requests, say) for long. A run's first step still runs on
+//! The driver runs due runs for 250 µs at most before it yields, so a burst of them does not hold
+//! a worker thread away from other tasks (requests, say) for long. A run's first step still runs on
 //! the driver, so a handler that computes before its first `await` delays the services due after
 //! it: a service whose runs do that for more than 1 ms, twice in a row, starts every later run
 //! in its own task instead. (Long computation belongs in `spawn_blocking` in any case.)

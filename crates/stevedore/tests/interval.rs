@@ -543,3 +543,42 @@ async fn a_service_whose_runs_compute_before_their_first_await_moves_to_its_own_
     assert!(heavy[..2].iter().all(|id| *id == light[0]), "first heavy runs on the driver: {heavy:?} {light:?}");
     assert!(heavy[2..].iter().all(|id| *id == heavy[2] && *id != light[0]), "then its own task: {heavy:?}");
 }
+
+// The real clock: the driver gives the thread away after a stretch of runs, by time.
+#[tokio::test]
+async fn a_burst_of_due_runs_does_not_hold_the_thread_until_it_ends() {
+    const SERVICES: usize = 2_000;
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut builder = builder();
+    for i in 0..SERVICES {
+        let ran = ran.clone();
+        // All due at the start; each run computes for 20 µs, so the burst takes 40 ms or more.
+        let handler = move || {
+            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let began = std::time::Instant::now();
+            while began.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            }
+            std::future::ready(Ok::<_, BoxError>(()))
+        };
+        builder = builder.add(IntervalService::fixed_rate(format!("busy-{i}"), secs(3600), handler).into_spec());
+    }
+    let host = builder.build().unwrap();
+    let lifetime = host.lifetime();
+    let run = tokio::spawn(host.run());
+    // Another task on this one-thread runtime, as a request handler would be: it gets the thread
+    // while the burst is still going.
+    let seen = loop {
+        let seen = ran.load(std::sync::atomic::Ordering::Relaxed);
+        if seen > 0 {
+            break seen;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(seen < SERVICES / 2, "another task ran only after {seen} of {SERVICES} runs");
+    while ran.load(std::sync::atomic::Ordering::Relaxed) < SERVICES {
+        tokio::task::yield_now().await;
+    }
+    lifetime.request_stop();
+    assert!(run.await.unwrap().is_clean());
+}

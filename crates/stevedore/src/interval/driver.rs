@@ -197,9 +197,9 @@ impl Drop for Registration {
     }
 }
 
-/// Runs due in a row before the driver lets the worker run other tasks: a burst of thousands
-/// should not hold a worker for milliseconds while a request waits behind it.
-const RUNS_PER_TURN: u32 = 64;
+/// How long the driver runs due runs before it lets the worker run other tasks: a burst of
+/// thousands should not hold a worker for milliseconds while a request waits behind it.
+const TURN: Duration = Duration::from_micros(250);
 
 /// A shard's task: sleeps until the earliest plan, starts every run that is due, and again.
 async fn drive(driver: Arc<Driver>, index: usize) {
@@ -218,18 +218,17 @@ async fn drive(driver: Arc<Driver>, index: usize) {
             }
         }
         let mut now = Instant::now();
-        let mut in_turn = 0;
+        let mut turn_began = now;
         while let Some(service) = plans.pop_due(now) {
             if let Some(at) = service.clone().fire(&mut now) {
                 plans.push(at, service);
             }
-            in_turn += 1;
             // Each run's first step is polled in this task, so it spends this task's tokio budget:
             // out of it, a run's first await would come back pending and be handed on for nothing.
-            if in_turn == RUNS_PER_TURN || !tokio::task::coop::has_budget_remaining() {
-                in_turn = 0;
+            if now.saturating_duration_since(turn_began) >= TURN || !tokio::task::coop::has_budget_remaining() {
                 tokio::task::yield_now().await;
                 now = Instant::now();
+                turn_began = now;
             }
         }
         if let Some(at) = plans.next_at()
