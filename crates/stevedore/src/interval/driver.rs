@@ -13,7 +13,7 @@
 //! module only keeps time.
 
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,9 +35,9 @@ pub(crate) trait Timed: Send + Sync + 'static {
     fn fire(self: Arc<Self>, clock: &mut Instant) -> Option<Instant>;
 }
 
-/// One service's next run in a shard's heap: when, in nanoseconds from the shard's origin, and
-/// whose. 24 bytes: at thousands of services, sifting larger entries through the heap took a
-/// fifth of the driver's time.
+/// One service's next run in a shard's queues: when, in nanoseconds from the shard's origin, and
+/// whose. 24 bytes: at thousands of services, sifting larger entries through a heap took a fifth
+/// of the driver's time.
 struct Entry {
     at: u64,
     service: Arc<dyn Timed>,
@@ -62,14 +62,21 @@ impl Ord for Entry {
 }
 
 /// A shard's services in the order their runs fall due.
+///
+/// Two queues: a run due no earlier than the last one queued goes to the back of `in_order`, in
+/// constant time, and any other to the heap. Services that share a period (the usual case, and
+/// the costly one: thousands of them) are due again in the order they ran, so they stay in
+/// `in_order` and never pay the heap's sifting, a tenth of the driver's time at 10,000 services.
 struct Plans {
+    /// Entries count nanoseconds from here.
     origin: Instant,
+    in_order: VecDeque<Entry>,
     heap: BinaryHeap<Entry>,
 }
 
 impl Plans {
     fn new() -> Self {
-        Plans { origin: Instant::now(), heap: BinaryHeap::new() }
+        Plans { origin: Instant::now(), in_order: VecDeque::new(), heap: BinaryHeap::new() }
     }
 
     fn key(&self, at: Instant) -> u64 {
@@ -77,26 +84,41 @@ impl Plans {
     }
 
     fn push(&mut self, at: Instant, service: Arc<dyn Timed>) {
-        let at = self.key(at);
-        self.heap.push(Entry { at, service });
+        let entry = Entry { at: self.key(at), service };
+        match self.in_order.back() {
+            Some(last) if last.at > entry.at => self.heap.push(entry),
+            _ => self.in_order.push_back(entry),
+        }
+    }
+
+    /// The earliest entry's time, and whether it is the heap's.
+    fn earliest(&self) -> Option<(u64, bool)> {
+        match (self.in_order.front(), self.heap.peek()) {
+            (Some(first), Some(top)) if top.at < first.at => Some((top.at, true)),
+            (Some(first), _) => Some((first.at, false)),
+            (None, Some(top)) => Some((top.at, true)),
+            (None, None) => None,
+        }
     }
 
     /// When the earliest run is due.
     fn next_at(&self) -> Option<Instant> {
-        let entry = self.heap.peek()?;
-        Some(instant_after(self.origin, Duration::from_nanos(entry.at)))
+        let (at, _) = self.earliest()?;
+        Some(instant_after(self.origin, Duration::from_nanos(at)))
     }
 
     /// The service whose run is earliest, if it is due at `now`.
     fn pop_due(&mut self, now: Instant) -> Option<Arc<dyn Timed>> {
-        if self.heap.peek()?.at > self.key(now) {
+        let (at, in_heap) = self.earliest()?;
+        if at > self.key(now) {
             return None;
         }
-        self.heap.pop().map(|entry| entry.service)
+        let entry = if in_heap { self.heap.pop() } else { self.in_order.pop_front() };
+        entry.map(|entry| entry.service)
     }
 
     fn is_empty(&self) -> bool {
-        self.heap.is_empty()
+        self.in_order.is_empty() && self.heap.is_empty()
     }
 }
 
@@ -254,3 +276,56 @@ async fn drive(driver: Arc<Driver>, index: usize) {
 
 /// A run's future, once it is handed to its service's task.
 pub(crate) type RunFuture = Pin<Box<dyn Future<Output = Instant> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service that only says which it is.
+    struct Named(u32);
+    impl Timed for Named {
+        fn fire(self: Arc<Self>, _: &mut Instant) -> Option<Instant> {
+            None
+        }
+    }
+
+    fn name_of(service: &Arc<dyn Timed>, all: &[Arc<Named>]) -> u32 {
+        let named = all.iter().find(|n| std::ptr::addr_eq(Arc::as_ptr(service), Arc::as_ptr(*n))).unwrap();
+        named.0
+    }
+
+    #[test]
+    fn runs_come_out_in_time_order_whatever_order_they_went_in() {
+        let mut plans = Plans::new();
+        let origin = plans.origin;
+        let ms = |n: u64| origin + Duration::from_millis(n);
+        // In order (to the queue), then earlier and later ones mixed (to the heap).
+        let due = [10, 20, 30, 40, 15, 5, 40, 35, 50, 0, 25];
+        let all: Vec<Arc<Named>> = (0..due.len() as u32).map(|i| Arc::new(Named(i))).collect();
+        for (named, at) in all.iter().zip(due) {
+            plans.push(ms(at), named.clone());
+        }
+        assert_eq!(plans.next_at(), Some(ms(0)));
+        let mut popped = Vec::new();
+        while let Some(service) = plans.pop_due(ms(100)) {
+            popped.push(due[name_of(&service, &all) as usize]);
+        }
+        assert_eq!(popped, [0, 5, 10, 15, 20, 25, 30, 35, 40, 40, 50]);
+        assert!(plans.is_empty());
+    }
+
+    #[test]
+    fn only_what_is_due_comes_out() {
+        let mut plans = Plans::new();
+        let origin = plans.origin;
+        let all: Vec<Arc<Named>> = (0..3).map(|i| Arc::new(Named(i))).collect();
+        for (named, at) in all.iter().zip([30, 10, 20]) {
+            plans.push(origin + Duration::from_millis(at), named.clone());
+        }
+        let due_by_20: Vec<u32> = std::iter::from_fn(|| plans.pop_due(origin + Duration::from_millis(20)))
+            .map(|s| name_of(&s, &all))
+            .collect();
+        assert_eq!(due_by_20, [1, 2]);
+        assert_eq!(plans.next_at(), Some(origin + Duration::from_millis(30)));
+    }
+}
