@@ -34,14 +34,16 @@
 //!   period after each run ends, so it can neither overlap nor miss a tick.
 //! - **Initial delay.** Zero by default: the first run starts with the service (the article's
 //!   `TimeSpan.Zero`). Set one with [`initial_delay`](IntervalService::initial_delay).
-//! - **Phase.** Services started together with the same period fall due together, every period: a
-//!   thousand of them are a thousand wake-ups in one millisecond, and the last waits for all the
-//!   others (on two cores, 10,000 such timers read a p99 lateness of 3-8 ms, bare tokio loops as
-//!   much). [`spread_phase`](IntervalService::spread_phase) moves a service's grid by an offset
-//!   within the period worked out from its name, so such services spread over it (the same 10,000:
-//!   p99 1.8 ms, bare loops given the same offsets 1.7 ms; `BENCHMARKS.md`). The offset is the
-//!   same at every start, and unlike jitter it moves the grid once rather than each run. The
-//!   `10_many_timers` example shows 2,000 pollers both ways.
+//! - **Phase.** Services started together with the same period fall due together, every period,
+//!   and the last of them waits for all the others to start (on two cores, 10,000 such timers
+//!   read a p99 lateness of 1.5 ms, bare tokio loops 2.6-3.9 ms).
+//!   [`spread_phase`](IntervalService::spread_phase) moves a service's grid by an offset within
+//!   the period worked out from its name, so such services spread over it: the same 10,000 read
+//!   a p99 of 1.2 ms, but wake the runtime every millisecond instead of once a period, which costs
+//!   about three times the CPU time (`BENCHMARKS.md`, thirteenth session). Spread phases to keep
+//!   a burst of work (not of timers) off a shared database, say. The offset is the same at every
+//!   start, and unlike jitter it moves the grid once rather than each run. The `10_many_timers`
+//!   example shows 2,000 pollers both ways.
 //! - **Overlap.** Runs never overlap. A tick that falls while a run is still going is, by
 //!   [`Overlap`]: skipped ([`Overlap::Skip`], the default: the next run is the next tick on the grid
 //!   after the run ends), or kept once ([`Overlap::RunOnce`]: one run starts as soon as the long run
@@ -65,13 +67,13 @@
 //! # How runs start
 //!
 //! A service does not keep a timer of its own. The interval services of a runtime share one driver
-//! task per worker thread, which keeps their next runs in a heap and, when one falls due, polls
+//! task per worker thread, which keeps their next runs in time order and, when one falls due, polls
 //! the run's first step itself, up to its first `await` that has to wait. A run that ends there,
 //! as a poll that finds nothing to do usually does, never wakes its service's task; one that waits
 //! is handed to the service's own task and finishes there, so it holds up no other service. At
-//! 10,000 services every 100 ms this takes half the CPU time of as many bare
-//! `tokio::time::interval` loops, and keeps the p99 lateness of timers all started together under
-//! 2 ms where the bare loops miss it (`BENCHMARKS.md`, thirteenth session).
+//! 10,000 services every 100 ms this takes under half the CPU time of as many bare
+//! `tokio::time::interval` loops, and keeps the p99 lateness of timers all started together at
+//! 1.5 ms, where the bare loops read 2.6-3.9 ms (`BENCHMARKS.md`, thirteenth session).
 //!
 //! The driver runs due runs for 250 µs at most before it yields, so a burst of them does not hold
 //! a worker thread away from other tasks (requests, say) for long. A run's first step still runs on
