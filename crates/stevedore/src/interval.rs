@@ -92,6 +92,7 @@ use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use self::driver::{Registration, RunFuture, Timed};
 use crate::error::BoxError;
@@ -457,6 +458,8 @@ struct Slot<H, Args> {
     slow_first_steps: AtomicU8,
     /// The service's own task, waiting for a run handed to it, a trigger or the stop.
     task: AtomicWaker,
+    /// The span the service's task runs in, for the runs the driver starts to run in too.
+    span: tracing::Span,
 }
 
 struct SlotState {
@@ -500,11 +503,13 @@ impl<H: Handler<Args>, Args: 'static> Slot<H, Args> {
     /// The run's future, recorded in the status view; its output is when it ended.
     fn run(self: &Arc<Self>, cause: Cause, start: Instant) -> RunFuture {
         let slot = self.clone();
-        Box::pin(async move {
+        let run = async move {
             let service = &slot.service;
             let work = || run_handler(&slot.ctx, &service.handler, service.timeout);
             recorded_from(&slot.ctx, cause.as_str(), start, work).await.1
-        })
+        };
+        // A disabled span (no subscriber wants it) costs nothing to leave out.
+        if self.span.is_disabled() { Box::pin(run) } else { Box::pin(run.instrument(self.span.clone())) }
     }
 
     /// Counts a run's first step that held the driver too long; any other resets the count.
@@ -605,6 +610,7 @@ impl<H: Handler<Args>, Args: 'static> BackgroundService for Runner<H, Args> {
             }),
             slow_first_steps: AtomicU8::new(0),
             task: AtomicWaker::new(),
+            span: tracing::Span::current(),
         });
         let registration = driver::register(slot.clone(), first.run_at);
         let cancelled = ctx.token().cancelled();

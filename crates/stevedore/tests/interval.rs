@@ -582,3 +582,45 @@ async fn a_burst_of_due_runs_does_not_hold_the_thread_until_it_ends() {
     lifetime.request_stop();
     assert!(run.await.unwrap().is_clean());
 }
+
+/// What a `fmt` subscriber writes, kept for the test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn runs_started_by_the_driver_log_inside_their_service_span() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    // One run that ends at its first poll (on the driver), one that waits (finished in its task).
+    let quick = IntervalService::fixed_rate("quick", secs(10), || async {
+        tracing::info!("quick run");
+        Ok::<_, BoxError>(())
+    });
+    let slow = IntervalService::fixed_rate("slow", secs(10), || async {
+        tokio::time::sleep(secs(1)).await;
+        tracing::info!("slow run");
+        Ok::<_, BoxError>(())
+    });
+    let host = builder().add(quick.into_spec()).add(slow.into_spec()).build().unwrap();
+    run_for(host, secs(5)).await;
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    for name in ["quick", "slow"] {
+        let line = text.lines().find(|l| l.contains(&format!("{name} run"))).unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.contains(&format!("service{{service=\"{name}\"}}:run{{service=\"{name}\" cause=\"tick\"}}")),
+            "{line}"
+        );
+    }
+}
