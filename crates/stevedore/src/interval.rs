@@ -36,7 +36,7 @@
 //!   `TimeSpan.Zero`). Set one with [`initial_delay`](IntervalService::initial_delay).
 //! - **Phase.** Services started together with the same period fall due together, every period,
 //!   and the last of them waits for all the others to start (on two cores, 10,000 such timers
-//!   read a p99 lateness of 1.5 ms, bare tokio loops 2.6-3.9 ms).
+//!   read a p99 lateness of 1.4-1.55 ms, bare tokio loops 1.7-3.9 ms).
 //!   [`spread_phase`](IntervalService::spread_phase) moves a service's grid by an offset within
 //!   the period worked out from its name, so such services spread over it: the same 10,000 read
 //!   a p99 of 1.2 ms, but wake the runtime every millisecond instead of once a period, which costs
@@ -71,9 +71,9 @@
 //! the run's first step itself, up to its first `await` that has to wait. A run that ends there,
 //! as a poll that finds nothing to do usually does, never wakes its service's task; one that waits
 //! is handed to the service's own task and finishes there, so it holds up no other service. At
-//! 10,000 services every 100 ms this takes under half the CPU time of as many bare
+//! 10,000 services every 100 ms this takes 0.45-0.64x the CPU time of as many bare
 //! `tokio::time::interval` loops, and keeps the p99 lateness of timers all started together at
-//! 1.5 ms, where the bare loops read 2.6-3.9 ms (`BENCHMARKS.md`, thirteenth session).
+//! 1.4-1.55 ms, where the bare loops read 1.7-3.9 ms (`BENCHMARKS.md`, thirteenth session).
 //!
 //! The driver runs due runs for 250 µs at most before it yields, so a burst of them does not hold
 //! a worker thread away from other tasks (requests, say) for long. A run's first step still runs on
