@@ -432,8 +432,8 @@ impl<H: Handler<Args>, Args: 'static> IntervalService<H, Args> {
 struct Plan {
     /// When the run starts.
     run_at: Instant,
-    /// The grid tick it is for (fixed rate) and when that fell due, with its jitter: for a
-    /// catch-up run ([`Overlap::RunOnce`]), not `run_at`.
+    /// The grid tick the policies go on from (fixed rate). Its `due` is `run_at`, except for a
+    /// catch-up run ([`Overlap::RunOnce`]), which runs at once for a tick still ahead.
     tick: Tick,
     catch_up: bool,
 }
