@@ -94,7 +94,7 @@ use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use self::driver::{Registration, RunFuture, Timed};
+use self::driver::{Registration, Timed};
 use crate::error::BoxError;
 use crate::handler::{Handler, run_handler};
 use crate::runs::{StoppedOnDrop, TriggerHandle, instant_after, jitter, recorded_from};
@@ -444,6 +444,10 @@ impl Plan {
     }
 }
 
+/// A run's future, boxed so that the driver can hand it to its service's task; its output is when
+/// the run ended.
+type RunFuture = std::pin::Pin<Box<dyn Future<Output = Instant> + Send>>;
+
 /// One running interval service, as its runtime's tick driver and its own task share it.
 ///
 /// The service's settings and handler are copied in, so that a tick finds everything it reads
@@ -526,11 +530,18 @@ impl<H: Handler<Args>, Args: 'static> Slot<H, Args> {
         if state.scheduled {
             return;
         }
-        let plan = self.service.after_run(state.plan.tick, end, &self.ctx);
-        state.plan = plan;
-        state.scheduled = true;
+        let next = state.plan.tick;
+        let at = self.plan_after(&mut state, next, end);
         drop(state);
-        registration.schedule(plan.run_at, self.clone());
+        registration.schedule(at, self.clone());
+    }
+
+    /// Works out the plan after a run that went on from `next` and ended at `end`, keeps it for
+    /// the driver, and says when it is due.
+    fn plan_after(&self, state: &mut SlotState, next: Tick, end: Instant) -> Instant {
+        state.plan = self.service.after_run(next, end, &self.ctx);
+        state.scheduled = true;
+        state.plan.run_at
     }
 }
 
@@ -557,15 +568,13 @@ impl<H: Handler<Args>, Args: 'static> Timed for Slot<H, Args> {
             if let Poll::Ready(end) = run.as_mut().poll(&mut cx) {
                 *clock = end;
                 self.time_first_step(end.saturating_duration_since(now));
-                let plan = self.service.after_run(next, end, &self.ctx);
                 let mut state = self.lock();
                 state.phase = Phase::Idle;
-                state.plan = plan;
-                state.scheduled = true;
+                let at = self.plan_after(&mut state, next, end);
                 if std::mem::take(&mut state.wake_when_idle) {
                     self.task.wake();
                 }
-                return Some(plan.run_at);
+                return Some(at);
             }
             *clock = Instant::now();
             self.time_first_step(clock.saturating_duration_since(now));

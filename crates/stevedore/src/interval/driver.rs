@@ -3,7 +3,7 @@
 //! A service with its own tokio timer costs, at each tick, a timer-wheel entry, a wake-up and a
 //! trip through the scheduler before its run even starts; 10,000 of them started together are
 //! 10,000 wake-ups queued in one millisecond. Here each runtime has one driver per worker thread
-//! (a shard), which keeps its services' next ticks in a heap, sleeps until the earliest, and starts
+//! (a shard), which keeps its services' next runs in time order, sleeps until the earliest, and starts
 //! every run that is due by polling it in place. A run that ends at that first poll, as most timed
 //! work that finds nothing to do does, never touches its service's task. One that has to wait is
 //! handed to its service's own task, which drives it to the end, so a slow run holds up no other
@@ -14,8 +14,6 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Poll, Waker};
@@ -273,9 +271,6 @@ async fn drive(driver: Arc<Driver>, index: usize) {
         .await;
     }
 }
-
-/// A run's future, once it is handed to its service's task.
-pub(crate) type RunFuture = Pin<Box<dyn Future<Output = Instant> + Send>>;
 
 #[cfg(test)]
 mod tests {
